@@ -1,0 +1,153 @@
+"""Model shapes as typed data, and their translation into megatron-core's TransformerConfig.
+
+A `ModelConfig` names the architecture (which token mixer, how many layers, head sizes); the
+parallel layout and precision come from the training config and are joined here in
+`transformer_config`, the one place where our settings become megatron's.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+Mixer = Literal["kla", "gdn", "attention"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    """Heads of the linear-attention mixer and of softmax attention alike."""
+    key_head_dim: int
+    value_head_dim: int
+    ffn_hidden_size: int
+    mixer: Mixer = "kla"
+    """kla: Kaczmarz step on raw keys; gdn: Gated DeltaNet (L2-normalised keys, beta = eta);
+    attention: a plain pre-norm transformer with RoPE."""
+    attention_every: int = 0
+    """Hybrid models: every N-th layer (N, 2N, ...) is softmax attention; 0 keeps all layers `mixer`."""
+    attention_head_dim: int = 128
+    conv_kernel: int = 4
+    kla_eps: float = 1e-6
+    """The eps of beta_t = eta_t / (||k_t||^2 + eps)."""
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    rope_base: int = 10000
+
+    def __post_init__(self):
+        if self.mixer not in ("kla", "gdn", "attention"):
+            raise ValueError(f"model.mixer must be 'kla', 'gdn' or 'attention', got {self.mixer!r}")
+        if self.attention_every < 0:
+            raise ValueError(f"model.attention_every must be >= 0, got {self.attention_every}")
+        if self.hidden_size % self.num_heads and self.mixer == "attention":
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+
+    def layer_mixer(self, layer_number: int) -> Mixer:
+        """Which mixer the 1-based `layer_number` uses."""
+        if self.attention_every and layer_number % self.attention_every == 0:
+            return "attention"
+        return self.mixer
+
+    @property
+    def uses_attention(self) -> bool:
+        return any(self.layer_mixer(i) == "attention" for i in range(1, self.num_layers + 1))
+
+
+def _paper_shape(hidden: int, heads: int, layers: int, ffn: int, mixer: Mixer = "kla") -> ModelConfig:
+    """The paper's proportions: key width 0.75*hidden, value width 1.5*hidden, split over `heads`."""
+    return ModelConfig(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        key_head_dim=hidden * 3 // 4 // heads,
+        value_head_dim=hidden * 3 // 2 // heads,
+        ffn_hidden_size=ffn,
+        mixer=mixer,
+    )
+
+
+_KLA_0_4B = _paper_shape(hidden=1536, heads=12, layers=11, ffn=6144)
+
+NAMED_MODELS: dict[str, ModelConfig] = {
+    # Trains on 2 CPU cores in minutes: the embedded default.
+    "tiny": ModelConfig(
+        num_layers=2, hidden_size=128, num_heads=4, key_head_dim=24, value_head_dim=48,
+        ffn_hidden_size=384, attention_head_dim=32,
+    ),
+    "tiny-gdn": ModelConfig(
+        num_layers=2, hidden_size=128, num_heads=4, key_head_dim=24, value_head_dim=48,
+        ffn_hidden_size=384, attention_head_dim=32, mixer="gdn",
+    ),
+    # The paper's 0.4B shape (lit-gpt RelaxedKaczmarzQNorm_0.4B), its GDN twin and a transformer of
+    # the same width, depth and MLP.
+    "kla-0.4b": _KLA_0_4B,
+    "gdn-0.4b": replace(_KLA_0_4B, mixer="gdn"),
+    "hybrid-0.4b": replace(_KLA_0_4B, attention_every=4),
+    "transformer-0.4b": replace(_KLA_0_4B, mixer="attention"),
+    # Multi-node sizes, same proportions.
+    "kla-1.3b": _paper_shape(hidden=2048, heads=16, layers=24, ffn=8192),
+    "kla-2.7b": _paper_shape(hidden=2560, heads=20, layers=32, ffn=10240),
+    "kla-7b": _paper_shape(hidden=4096, heads=32, layers=32, ffn=14336),
+}
+
+
+def named_model(name: str) -> ModelConfig:
+    if name not in NAMED_MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(NAMED_MODELS)}")
+    return NAMED_MODELS[name]
+
+
+def transformer_config(
+    model: ModelConfig,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    context_parallel: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    use_cpu_initialization: bool = False,
+    recompute: bool = False,
+) -> TransformerConfig:
+    """Megatron's TransformerConfig for `model` under the given parallel layout and precision."""
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_heads,
+        kv_channels=model.attention_head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=model.init_std,
+        linear_conv_kernel_dim=model.conv_kernel,
+        linear_key_head_dim=model.key_head_dim,
+        linear_value_head_dim=model.value_head_dim,
+        linear_num_key_heads=model.num_heads,
+        linear_num_value_heads=model.num_heads,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=use_cpu_initialization,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )

@@ -1,0 +1,1 @@
+"""The training program; see pretrain/train.py."""

@@ -1,0 +1,198 @@
+"""The training configuration: a typed dataclass tree, read from TOML, overridden on the command line.
+
+    python -m pretrain --config configs/tiny.toml training.steps=200 parallel.tensor=2 model.mixer=\"gdn\"
+
+Every key is checked against the tree: a misspelt key stops the run at once with the list of valid
+keys, before any process group, GPU memory or data is touched.
+"""
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+from kla_megatron.config import ModelConfig, named_model
+
+
+class ConfigError(ValueError):
+    """A problem with the configuration, named with its fix."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "tiny"
+    """A named model of kla_megatron.config.NAMED_MODELS."""
+    overrides: dict = field(default_factory=dict)
+    """Fields of ModelConfig to change, e.g. {mixer = "gdn"}; also settable as model.<field>=value."""
+
+    def resolve(self) -> ModelConfig:
+        base = named_model(self.name)
+        valid = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.overrides) - valid)
+        if unknown:
+            raise ConfigError(f"unknown model setting(s) {unknown}; valid ones: {sorted(valid)}")
+        return dataclasses.replace(base, **self.overrides)
+
+
+@dataclass
+class DataSection:
+    manifest: Optional[str] = None
+    """A data_prep manifest.json (the default corpus writes one): fills tokenizer and prefixes."""
+    tokenizer: Optional[str] = None
+    """SentencePiece tokenizer.model or HF tokenizer.json used to write the datasets."""
+    train_prefixes: list = field(default_factory=list)
+    """Megatron indexed datasets (PREFIX.bin/.idx); several are blended by train_weights."""
+    train_weights: list = field(default_factory=list)
+    valid_prefixes: list = field(default_factory=list)
+    valid_weights: list = field(default_factory=list)
+    split: str = "99,1,0"
+    """Train/valid/test split of train_prefixes, used only when valid_prefixes is empty."""
+    seq_length: int = 256
+
+
+@dataclass
+class TrainingSection:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    """bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
+    recompute: bool = False
+    """Full activation recompute, layer by layer."""
+    seed: int = 1234
+
+
+@dataclass
+class ParallelSection:
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 1
+    """DeepSpeed ZeRO: 1 shards optimizer states, 2 also gradients (pipeline = 1 only)."""
+
+
+@dataclass
+class EvalSection:
+    interval: int = 50
+    """Validate every N steps and at the end; 0 turns validation off."""
+    iters: int = 4
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 50
+    """Save every N steps and at the end; 0 saves only at the end."""
+    keep: int = 2
+    """How many completed checkpoints to keep on disk (oldest go first)."""
+    load_optimizer: bool = True
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 1
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    """TensorBoard events (tb/), checkpoints (checkpoints/), logs and the resolved config go here."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _section_from_dict(cls, values: dict, where: str):
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if cls is ModelSection:
+        # model.<field> is shorthand for model.overrides.<field>; ModelSection.resolve checks the names.
+        values = dict(values)
+        overrides = dict(values.pop("overrides", {}))
+        overrides.update({k: values.pop(k) for k in list(values) if k not in names})
+        values["overrides"] = overrides
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}{key}"
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key {path!r}; valid keys under {where.rstrip('.') or 'the top level'}: {sorted(names)}"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} is a section; give it as a table, e.g. [{path}]")
+            kwargs[key] = _section_from_dict(hint, value, f"{path}.")
+        else:
+            kwargs[key] = _check_type(value, hint, path)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint, path: str):
+    """The value if it has the annotated type (ints pass as floats), else a ConfigError."""
+    if get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return None
+        (hint,) = [t for t in get_args(hint) if t is not type(None)]
+    expected = get_origin(hint) or hint
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        raise ConfigError(f"config key {path!r} wants a {expected.__name__}, got {value!r}")
+    return value
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE, e.g. training.steps=200")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes on the command line
+    return key.strip().split("."), value
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
+    """TOML file (optional) + KEY=VALUE overrides -> a checked TrainConfig."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing TOML file (see configs/)")
+        try:
+            values = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is a value, not a section")
+        node[keys[-1]] = value
+    return _section_from_dict(TrainConfig, values, "")
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")

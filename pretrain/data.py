@@ -1,0 +1,152 @@
+"""Training data: data_prep's indexed datasets through megatron-core's GPTDataset and blending.
+
+`DataFiles.resolve` checks every file before any process group or GPU memory exists; the
+datasets are megatron's own (BlendedMegatronDatasetBuilder over GPTDataset); `MicroBatches` hands
+each data-parallel rank its own samples in a fixed order, from a position that a checkpoint stores.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.tokenizers import MegatronTokenizer
+
+from pretrain.config import ConfigError, DataSection
+
+
+@dataclass(frozen=True)
+class Blend:
+    prefixes: list
+    weights: Optional[list]
+
+    def megatron(self):
+        return (self.prefixes, self.weights)
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    tokenizer: str
+    train: Blend
+    valid: Optional[Blend]
+    split: str
+
+    @staticmethod
+    def resolve(data: DataSection) -> "DataFiles":
+        """The checked files of a data section (a manifest fills what the section leaves empty)."""
+        tokenizer, train, valid = data.tokenizer, list(data.train_prefixes), list(data.valid_prefixes)
+        if data.manifest:
+            manifest_path = Path(data.manifest)
+            if not manifest_path.is_file():
+                raise ConfigError(
+                    f"data.manifest {manifest_path} does not exist; run `python -m data_prep default-corpus "
+                    f"--output {manifest_path.parent}` or point data.manifest at a data_prep manifest.json"
+                )
+            manifest = json.loads(manifest_path.read_text())
+            tokenizer = tokenizer or manifest["tokenizer_model"]
+            train = train or [manifest["train_prefix"]]
+            valid = valid or [manifest["valid_prefix"]]
+        if not tokenizer:
+            raise ConfigError("no tokenizer: set data.tokenizer (tokenizer.model or tokenizer.json) or data.manifest")
+        if not Path(tokenizer).exists():
+            raise ConfigError(f"tokenizer {tokenizer} does not exist; set data.tokenizer to the file data_prep used")
+        if not train:
+            raise ConfigError("no training data: set data.train_prefixes (PREFIX of PREFIX.bin/.idx) or data.manifest")
+        for prefix in train + valid:
+            check_indexed_dataset(prefix)
+        return DataFiles(
+            tokenizer=str(tokenizer),
+            train=Blend(train, _weights(data.train_weights, train, "train")),
+            valid=Blend(valid, _weights(data.valid_weights, valid, "valid")) if valid else None,
+            split=data.split,
+        )
+
+
+def _weights(weights: list, prefixes: list, which: str) -> Optional[list]:
+    if not weights:
+        return None
+    if len(weights) != len(prefixes) or any(w <= 0 for w in weights):
+        raise ConfigError(
+            f"data.{which}_weights must give one positive weight per prefix ({len(prefixes)}), got {weights}"
+        )
+    return [float(w) for w in weights]
+
+
+def check_indexed_dataset(prefix: str) -> None:
+    """Stop early, with the fix, on a missing or corrupt PREFIX.bin/.idx."""
+    for suffix in (".bin", ".idx"):
+        if not Path(prefix + suffix).is_file():
+            raise ConfigError(
+                f"dataset {prefix}{suffix} does not exist; write it with "
+                f"`python -m data_prep tokenize --output-prefix {prefix} ...` or fix the path"
+            )
+    try:
+        dataset = IndexedDataset(prefix)
+    except Exception as e:  # megatron asserts on a bad header or a truncated index
+        raise ConfigError(f"dataset index {prefix}.idx is corrupt ({e}); re-run data_prep tokenize for it") from None
+    bin_bytes = Path(prefix + ".bin").stat().st_size
+    expected = int(dataset.index.sequence_pointers[-1]) + int(dataset.index.sequence_lengths[-1]) * dataset.index.dtype_size if len(dataset) else 0
+    if bin_bytes != expected:
+        raise ConfigError(
+            f"dataset {prefix}.bin has {bin_bytes} bytes but its .idx describes {expected}; "
+            "the pair is from different runs or truncated: re-run data_prep tokenize"
+        )
+
+
+def load_tokenizer(path: str):
+    """megatron's tokenizer for a SentencePiece model or a Hugging Face tokenizer.json / folder."""
+    library = "sentencepiece" if path.endswith(".model") else "huggingface"
+    target = str(Path(path).parent) if path.endswith("tokenizer.json") else path
+    return MegatronTokenizer.from_pretrained(target, metadata_path={"library": library})
+
+
+def build_datasets(files: DataFiles, tokenizer, seq_length: int, seed: int, train_samples: int, valid_samples: int, cache_dir: str):
+    """(train, valid) GPTDatasets; valid is None when there are no validation samples to build."""
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=None if files.valid else files.train.megatron(),
+        blend_per_split=[files.train.megatron(), files.valid.megatron(), None] if files.valid else None,
+        split=None if files.valid else files.split,
+        path_to_cache=cache_dir,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    return train, valid
+
+
+class MicroBatches:
+    """Step-by-step micro-batches for one data-parallel rank.
+
+    Step s uses samples [s*G, (s+1)*G) of the dataset (G = global batch); within it, micro-batch j
+    of data-parallel rank r is samples s*G + (j*D + r)*m + [0, m). The position is the number of
+    samples consumed, so a resumed run continues with exactly the samples it would have seen.
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0):
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.consumed_samples = consumed_samples
+
+    def step(self, num_microbatches: int) -> Iterator[dict]:
+        """The micro-batches of the next step; consumes a global batch whether or not all are read."""
+        start = self.consumed_samples
+        self.consumed_samples += num_microbatches * self.micro_batch_size * self.dp_size
+        return (self._batch(start + (j * self.dp_size + self.dp_rank) * self.micro_batch_size) for j in range(num_microbatches))
+
+    def _batch(self, first: int) -> dict:
+        samples = [self.dataset[(first + i) % len(self.dataset)] for i in range(self.micro_batch_size)]
+        return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}

@@ -1,0 +1,121 @@
+"""DeepSpeed ZeRO as the optimizer of a megatron-core model driven by megatron's schedules.
+
+Three things join the two libraries:
+
+* `MegatronMPU` answers DeepSpeed's mpu questions from megatron's parallel_state, whose names differ
+  (0.16 has no get_model_parallel_rank/world_size).
+* Megatron's schedules call torch.autograd.backward themselves, not engine.backward. DeepSpeed
+  (>= 0.17) hooks the output of engine.forward, so a plain backward still runs its prologue and
+  epilogue; what it cannot know is which micro-batch ends the step. `accumulation_boundary` is
+  megatron's `no_sync_func`: every micro-batch inside it is marked "not a boundary", and the last
+  one, which megatron runs outside, is the boundary where ZeRO reduces gradients.
+* Megatron already divides each micro-batch's loss by the micro-batch count, so DeepSpeed's own
+  accumulation steps stay at 1 (it would divide again) and the boundary is set explicitly.
+"""
+
+from contextlib import contextmanager
+
+import deepspeed
+import torch
+from megatron.core import parallel_state
+
+from pretrain.config import TrainConfig
+
+
+class MegatronMPU:
+    """DeepSpeed's mpu interface over megatron's parallel_state.
+
+    DeepSpeed all-reduces the gradient norm over the model-parallel group and counts a parameter
+    that is not tensor-parallel only on model-parallel rank 0. The group is megatron's TP x PP (each
+    pipeline stage holds other parameters); the rank is the TP rank, so a parameter replicated over
+    TP is counted once on every pipeline stage.
+    """
+
+    def get_model_parallel_group(self):
+        return parallel_state.get_model_parallel_group()
+
+    def get_model_parallel_rank(self):
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+
+    # Gradients of context-parallel ranks are summed with data parallelism (megatron's dp-cp group).
+    def get_data_parallel_group(self):
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    def get_data_parallel_rank(self):
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+    def get_data_parallel_world_size(self):
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+
+    def get_data_parallel_group_ranks(self):
+        return parallel_state.get_data_parallel_global_ranks(with_context_parallel=True)
+
+
+def _uses_weight_decay(param: torch.nn.Parameter) -> bool:
+    """Matrices decay; gates (A_log, dt_bias), norms and biases do not."""
+    return param.ndim >= 2 and not getattr(param, "no_weight_decay", False)
+
+
+def adamw(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with a decayed and an undecayed group; megatron's scheduler reads `wd_mult`."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if _uses_weight_decay(p) else no_decay).append(p)
+    t = config.training
+    return torch.optim.AdamW(
+        [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}],
+        lr=t.lr,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+        fused=torch.cuda.is_available(),
+    )
+
+
+def deepspeed_config(config: TrainConfig, bf16: bool, data_parallel: int) -> dict:
+    t = config.training
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": t.micro_batch_size * data_parallel,
+        "zero_optimization": {"stage": config.parallel.zero_stage},
+        "bf16": {"enabled": bf16},
+        "gradient_clipping": t.grad_clip,
+        # torch's fused AdamW: no JIT build of DeepSpeed's own Adam on the GPU or CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def initialize(model: torch.nn.Module, config: TrainConfig, bf16: bool, data_parallel: int):
+    """The DeepSpeed engine around `model`, with ZeRO over megatron's data-parallel group."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=adamw(model, config),
+        config=deepspeed_config(config, bf16, data_parallel),
+        mpu=MegatronMPU(),
+        dist_init_required=False,
+    )
+    return engine
+
+
+@contextmanager
+def accumulating(engine):
+    """Megatron's no_sync_func: micro-batches run inside are not the step's last."""
+    engine.set_gradient_accumulation_boundary(False)
+    try:
+        yield
+    finally:
+        engine.set_gradient_accumulation_boundary(True)
