@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Pretrain a KLA model: `sbatch slurm/pretrain_kla.sh [section.key=value ...]` on a Slurm cluster,
+# or `bash slurm/pretrain_kla.sh` on one machine (torchrun over its GPUs, or one CPU process).
+#
+#   CONFIG       TOML config (default: configs/tiny.toml on the embedded default corpus)
+#   OUTPUT_DIR   where TensorBoard events (tb/), checkpoints/ and logs go (default: the config's)
+#   DATA_MANIFEST  a data_prep manifest.json; with the default config the embedded corpus (the
+#                Python standard library's source) is prepared into $OUTPUT_DIR/data on first use
+#   NPROC        processes on this machine when run without Slurm (default: GPU count, else 1)
+#   PYTHON       python to use (default: python3)
+#
+# The job always resumes from the newest checkpoint in OUTPUT_DIR, so a requeued or re-run job
+# continues where it stopped. Before the time limit Slurm sends USR1; the job requeues itself.
+#
+#SBATCH --job-name=kla-pretrain
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "$SLURM_SUBMIT_DIR/slurm/pretrain_kla.sh" ]; then
+  ROOT=$SLURM_SUBMIT_DIR  # sbatch runs a copy of this script from a spool directory
+fi
+cd "$ROOT"
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OVERRIDES=("$@")
+
+if [ -z "${CONFIG:-}" ]; then
+  CONFIG=configs/tiny.toml
+  OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny}
+  if [ -z "${DATA_MANIFEST:-}" ]; then
+    DATA_MANIFEST=$OUTPUT_DIR/data/manifest.json
+    echo "== embedded default corpus -> $OUTPUT_DIR/data"
+    "$PYTHON" -m data_prep default-corpus --output "$OUTPUT_DIR/data"
+  fi
+fi
+[ -n "${OUTPUT_DIR:-}" ] && OVERRIDES+=("output_dir=\"$OUTPUT_DIR\"")
+[ -n "${DATA_MANIFEST:-}" ] && OVERRIDES+=("data.manifest=\"$DATA_MANIFEST\"")
+TRAIN=(-m pretrain --config "$CONFIG" --resume "${OVERRIDES[@]}")
+
+if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+  requeue() {
+    echo "== USR1 before the time limit: requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"
+    scontrol requeue "$SLURM_JOB_ID"
+  }
+  trap requeue USR1
+  echo "== job $SLURM_JOB_ID: $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"
+  # In the background so the USR1 trap runs while training does.
+  srun --kill-on-bad-exit=1 "$PYTHON" "${TRAIN[@]}" &
+  wait $! || wait $!
+else
+  if [ -z "${NPROC:-}" ]; then
+    NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+  fi
+  echo "== local run: $NPROC process(es), config $CONFIG"
+  if [ "$NPROC" -gt 1 ]; then
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "${TRAIN[@]}"
+  else
+    "$PYTHON" "${TRAIN[@]}"
+  fi
+fi
