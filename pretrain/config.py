@@ -28,12 +28,14 @@ class ModelSection:
     """Fields of ModelConfig to change, e.g. {mixer = "gdn"}; also settable as model.<field>=value."""
 
     def resolve(self) -> ModelConfig:
-        base = named_model(self.name)
         valid = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.overrides) - valid)
         if unknown:
             raise ConfigError(f"unknown model setting(s) {unknown}; valid ones: {sorted(valid)}")
-        return dataclasses.replace(base, **self.overrides)
+        try:
+            return dataclasses.replace(named_model(self.name), **self.overrides)
+        except ValueError as e:  # an unknown name or an inconsistent shape
+            raise ConfigError(str(e)) from None
 
 
 @dataclass

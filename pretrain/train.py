@@ -37,7 +37,7 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Dat
     cuda = torch.cuda.is_available()
     if world_size % (p.tensor * p.pipeline * p.context):
         raise ConfigError(
-            f"{world_size} processes cannot be split into tensor={p.tensor} x pipeline={p.pipeline} x "
+            f"{world_size} process(es) cannot be split into tensor={p.tensor} x pipeline={p.pipeline} x "
             f"context={p.context}; launch a multiple of {p.tensor * p.pipeline * p.context} processes"
         )
     dp = world_size // (p.tensor * p.pipeline * p.context)

@@ -1,0 +1,105 @@
+"""Bad input stops at start-up with one message that names the problem and the fix, before any
+process group, model or dataset exists."""
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+from pretrain.train import check_config
+from pretrain_testing import ROOT, corpus_overrides, run_pretrain
+
+TINY = str(ROOT / "configs" / "tiny.toml")
+
+
+def checked(tmp_path, corpus, *overrides, world_size=1):
+    config = load_config(TINY, [f'output_dir="{tmp_path / "out"}"', *corpus_overrides(corpus), *overrides])
+    return check_config(config, world_size)
+
+
+def test_the_tiny_config_passes(tmp_path, tiny_corpus):
+    model, files = checked(tmp_path, tiny_corpus)
+    assert model.mixer == "kla" and files.train.prefixes == [tiny_corpus["train"]]
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, message",
+    [
+        (["training.stepz=3"], 1, "unknown config key 'training.stepz'"),
+        (["training.steps=many"], 1, "'training.steps' wants a int"),
+        (["model.heads=3"], 1, "unknown model setting(s) ['heads']"),
+        (["model.name=kla-9b"], 1, "unknown model 'kla-9b'"),
+        (["parallel.tensor=3"], 3, "4 heads, not divisible by parallel.tensor=3"),
+        (["parallel.tensor=2"], 3, "3 process(es) cannot be split into tensor=2"),
+        (["parallel.pipeline=2", "parallel.zero_stage=2"], 2, "ZeRO stage 2 shards gradients"),
+        (["parallel.zero_stage=3"], 1, "parallel.zero_stage must be 1 or 2"),
+        (["parallel.context=2"], 2, "parallel.context > 1 is not available yet"),
+        (["parallel.sequence_parallel=true"], 1, "sequence_parallel needs parallel.tensor > 1"),
+        (["data.seq_length=0"], 1, "data.seq_length=0 must be positive"),
+        (["training.global_batch_size=6", "training.micro_batch_size=4"], 1, "must be a multiple of micro_batch_size"),
+        (["training.warmup_steps=500"], 1, "training.warmup_steps=500 must be in"),
+        (["data.train_weights=[1.0, 2.0]"], 1, "one positive weight per prefix"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path, tiny_corpus, overrides, world_size, message):
+    with pytest.raises(ConfigError) as error:
+        checked(tmp_path, tiny_corpus, *overrides, world_size=world_size)
+    assert message in str(error.value)
+
+
+def test_missing_dataset(tmp_path, tiny_corpus):
+    with pytest.raises(ConfigError, match=r"nowhere\.bin does not exist; write it with `python -m data_prep tokenize"):
+        checked(tmp_path, tiny_corpus, f'data.train_prefixes=["{tmp_path}/nowhere"]')
+
+
+def test_missing_manifest_says_how_to_make_one(tmp_path, tiny_corpus):
+    config = load_config(TINY, [f'data.manifest="{tmp_path}/data/manifest.json"', f'output_dir="{tmp_path}"'])
+    with pytest.raises(ConfigError, match="run `python -m data_prep default-corpus"):
+        check_config(config, 1)
+
+
+def _copy_dataset(src: str, dst: Path) -> str:
+    for suffix in (".bin", ".idx"):
+        dst.with_suffix(suffix).write_bytes(Path(src + suffix).read_bytes())
+    return str(dst)
+
+
+def test_corrupt_index(tmp_path, tiny_corpus):
+    prefix = _copy_dataset(tiny_corpus["train"], tmp_path / "broken")
+    Path(prefix + ".idx").write_bytes(b"not an index" * 10)
+    with pytest.raises(ConfigError, match=r"broken\.idx is corrupt .*re-run data_prep tokenize"):
+        checked(tmp_path, tiny_corpus, f'data.train_prefixes=["{prefix}"]')
+
+
+def test_truncated_bin(tmp_path, tiny_corpus):
+    prefix = _copy_dataset(tiny_corpus["train"], tmp_path / "short")
+    data = Path(prefix + ".bin").read_bytes()
+    Path(prefix + ".bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=r"short\.bin has \d+ bytes but its \.idx describes \d+"):
+        checked(tmp_path, tiny_corpus, f'data.train_prefixes=["{prefix}"]')
+
+
+def test_missing_tokenizer(tmp_path, tiny_corpus):
+    with pytest.raises(ConfigError, match="tokenizer .*nope.model does not exist"):
+        checked(tmp_path, tiny_corpus, f'data.tokenizer="{tmp_path}/nope.model"')
+
+
+def test_unwritable_output_dir(tmp_path, tiny_corpus):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="is not writable"):
+        checked(tmp_path, tiny_corpus, f'output_dir="{blocker}/run"')
+
+
+def test_the_command_line_prints_one_error_and_exits_2(tmp_path, tiny_corpus):
+    result = run_pretrain(tmp_path, tiny_corpus, "parallel.tensor=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 1 process(es) cannot be split")
+    assert "Traceback" not in result.stderr
+
+
+def test_existing_checkpoints_need_resume(tmp_path, tiny_corpus):
+    (tmp_path / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000002\n")
+    result = run_pretrain(tmp_path, tiny_corpus)
+    assert result.returncode == 2 and "pass --resume to continue it" in result.stderr
