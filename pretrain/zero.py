@@ -75,11 +75,13 @@ def adamw(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
             (decay if _uses_weight_decay(p) else no_decay).append(p)
     t = config.training
     return torch.optim.AdamW(
-        [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}],
+        [
+            {"params": decay, "wd_mult": 1.0, "weight_decay": t.weight_decay},
+            {"params": no_decay, "wd_mult": 0.0, "weight_decay": 0.0},
+        ],
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,
-        weight_decay=t.weight_decay,
         fused=torch.cuda.is_available(),
     )
 
