@@ -34,6 +34,8 @@ class ModelConfig:
     kla_eps: float = 1e-6
     """The eps of beta_t = eta_t / (||k_t||^2 + eps)."""
     norm_eps: float = 1e-6
+    kernel_backend: str = "auto"
+    """chunk_kla backend: auto (Triton on GPU, PyTorch on CPU), triton, or torch."""
     init_std: float = 0.02
     tie_embeddings: bool = False
     rope_base: int = 10000

@@ -78,6 +78,7 @@ class KLAMixer(MegatronModule):
         layer_number: int = 1,
         beta_mode: BetaMode = "kaczmarz",
         eps: float = 1e-6,
+        kernel_backend: str = "auto",
         A_init_range: tuple = (1.0, 16.0),
         dt_init_range: tuple = (1e-3, 0.1),
         pg_collection: Optional[ProcessGroupCollection] = None,
@@ -91,6 +92,7 @@ class KLAMixer(MegatronModule):
         self.layer_number = layer_number
         self.beta_mode = beta_mode
         self.eps = eps
+        self.kernel_backend = kernel_backend
         self.tp_size = pg_collection.tp.size()
         self.tp_rank = pg_collection.tp.rank()
         self.num_heads = config.linear_num_value_heads
@@ -197,6 +199,7 @@ class KLAMixer(MegatronModule):
             eps=self.eps,
             beta_mode=self.beta_mode,
             cu_seqlens=cu_seqlens,
+            backend=self.kernel_backend,
         )
         o = rms_norm(o, self.norm_weight, self.config.layernorm_epsilon)
         o = o * F.silu(z.reshape(batch, seq, H, V).float()).to(o.dtype)

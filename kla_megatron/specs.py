@@ -42,7 +42,7 @@ def mixer_spec(mixer: Mixer, model: ModelConfig) -> ModuleSpec:
         )
     return ModuleSpec(
         module=KLAMixer,
-        params={"beta_mode": BETA_MODE[mixer], "eps": model.kla_eps},
+        params={"beta_mode": BETA_MODE[mixer], "eps": model.kla_eps, "kernel_backend": model.kernel_backend},
         submodules=KLAMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
     )
 
