@@ -5,6 +5,7 @@ datasets are megatron's own (BlendedMegatronDatasetBuilder over GPTDataset); `Mi
 each data-parallel rank its own samples in a fixed order, from a position that a checkpoint stores.
 """
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,9 @@ class DataFiles:
             raise ConfigError(f"tokenizer {tokenizer} does not exist; set data.tokenizer to the file data_prep used")
         if not train:
             raise ConfigError("no training data: set data.train_prefixes (PREFIX of PREFIX.bin/.idx) or data.manifest")
+        tokenizer_sha256 = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest() if Path(tokenizer).is_file() else None
         for prefix in train + valid:
-            check_indexed_dataset(prefix)
+            check_indexed_dataset(prefix, tokenizer_sha256)
         return DataFiles(
             tokenizer=str(tokenizer),
             train=Blend(train, _weights(data.train_weights, train, "train")),
@@ -76,8 +78,9 @@ def _weights(weights: list, prefixes: list, which: str) -> Optional[list]:
     return [float(w) for w in weights]
 
 
-def check_indexed_dataset(prefix: str) -> None:
-    """Stop early, with the fix, on a missing or corrupt PREFIX.bin/.idx."""
+def check_indexed_dataset(prefix: str, tokenizer_sha256: Optional[str] = None) -> None:
+    """Stop early, with the fix, on a missing or corrupt PREFIX.bin/.idx, or one that data_prep's
+    PREFIX.json says was written with another tokenizer."""
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
             raise ConfigError(
@@ -95,6 +98,14 @@ def check_indexed_dataset(prefix: str) -> None:
             f"dataset {prefix}.bin has {bin_bytes} bytes but its .idx describes {expected}; "
             "the pair is from different runs or truncated: re-run data_prep tokenize"
         )
+    metadata = Path(prefix + ".json")
+    if tokenizer_sha256 and metadata.is_file():
+        written_with = json.loads(metadata.read_text()).get("tokenizer_sha256")
+        if written_with and written_with != tokenizer_sha256:
+            raise ConfigError(
+                f"dataset {prefix} was tokenized with another tokenizer than data.tokenizer (see {metadata}); "
+                "point data.tokenizer at the one data_prep used, or re-tokenize the dataset"
+            )
 
 
 def load_tokenizer(path: str):

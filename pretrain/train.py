@@ -9,6 +9,7 @@ Launch with torchrun, srun or mpiexec for several processes; alone it runs as on
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from functools import partial
@@ -115,6 +116,25 @@ def mean_loss(losses: list) -> float:
     value = torch.stack([x["loss"] for x in losses]).mean()
     dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
     return value.item() / parallel_state.get_data_parallel_world_size()
+
+
+class StopSignal:
+    """SIGTERM or SIGUSR1 (Slurm's warning before the time limit, or a requeue) asks the run to
+    checkpoint at the end of the current step and stop; ranks agree on it with one all-reduce a step."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        flag = torch.tensor([int(self.received is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def is_reporting_rank() -> bool:
@@ -246,6 +266,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
             print(f"saved checkpoint {path}", flush=True)
 
     history = {"train_loss": {}, "valid_loss": {}}
+    stop = StopSignal()
     engine.train()
     metrics.start(step)
     while step < t.steps:
@@ -265,9 +286,14 @@ def run(config: TrainConfig, resume: bool) -> dict:
             history["valid_loss"][step] = valid_loss
             if reporting:
                 metrics.validation(step, valid_loss)
-        if step == t.steps or (config.checkpoint.interval and step % config.checkpoint.interval == 0):
+        stopping = stop.agreed()
+        if stopping or step == t.steps or (config.checkpoint.interval and step % config.checkpoint.interval == 0):
             save()
             metrics.start(step)  # checkpoint time is not training throughput
+        if stopping:
+            if rank0:
+                print(f"stopping at step {step} on a signal; the next run with --resume continues from here", flush=True)
+            break
     metrics.close()
     if reporting:
         (out / f"history_rank{dist.get_rank()}.json").write_text(json.dumps(history, indent=1))

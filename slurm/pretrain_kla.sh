@@ -50,14 +50,19 @@ if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
   requeue() {
-    echo "== USR1 before the time limit: requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"
+    # Training checkpoints at the end of its current step and exits; then the job goes back in the queue.
+    echo "== USR1 before the time limit: checkpointing, then requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"
+    kill -USR1 "$TRAINING" 2>/dev/null || true
+    wait "$TRAINING" || true
     scontrol requeue "$SLURM_JOB_ID"
+    exit 0
   }
   trap requeue USR1
-  echo "== job $SLURM_JOB_ID: $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"
-  # In the background so the USR1 trap runs while training does.
+  echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"
+  # In the background so the USR1 trap runs while training does; srun passes USR1 on to every task.
   srun --kill-on-bad-exit=1 "$PYTHON" "${TRAIN[@]}" &
-  wait $! || wait $!
+  TRAINING=$!
+  wait "$TRAINING"
 else
   if [ -z "${NPROC:-}" ]; then
     NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")

@@ -103,3 +103,10 @@ def test_existing_checkpoints_need_resume(tmp_path, tiny_corpus):
     (tmp_path / "checkpoints" / "latest").write_text("step_0000002\n")
     result = run_pretrain(tmp_path, tiny_corpus)
     assert result.returncode == 2 and "pass --resume to continue it" in result.stderr
+
+
+def test_dataset_written_with_another_tokenizer(tmp_path, tiny_corpus):
+    prefix = _copy_dataset(tiny_corpus["train"], tmp_path / "other")
+    Path(prefix + ".json").write_text('{"tokenizer_sha256": "0123"}')
+    with pytest.raises(ConfigError, match="was tokenized with another tokenizer than data.tokenizer"):
+        checked(tmp_path, tiny_corpus, f'data.train_prefixes=["{prefix}"]')

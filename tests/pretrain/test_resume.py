@@ -1,9 +1,12 @@
-"""A run killed with SIGKILL at any moment resumes from its last complete checkpoint and then
-reproduces the uninterrupted run's loss curve exactly."""
+"""An interrupted run resumes from its last complete checkpoint and then reproduces the
+uninterrupted run's loss curve exactly: after kill -9 at any moment, and after the SIGUSR1 that
+Slurm sends before the time limit (which makes the run checkpoint and stop)."""
 
 import json
 import signal
 import subprocess
+
+import pytest
 
 from pretrain_testing import ROOT, pretrain_command, run_pretrain, subprocess_env
 
@@ -14,26 +17,45 @@ def history(output_dir) -> dict:
     return json.loads((output_dir / "history_rank0.json").read_text())
 
 
-def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_corpus):
-    full = run_pretrain(tmp_path / "full", tiny_corpus, *STEPS)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_corpus) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    full = run_pretrain(out, tiny_corpus, *STEPS)
     assert full.returncode == 0, full.stderr[-3000:]
-    reference = history(tmp_path / "full")
-    assert len(reference["train_loss"]) == 8
+    result = history(out)
+    assert len(result["train_loss"]) == 8
+    return result
 
-    # Kill -9 right after step 5 is logged: step 3's checkpoint is the newest complete one.
-    killed_dir = tmp_path / "killed"
+
+def interrupt_after_step(output_dir, corpus, step: int, sig: signal.Signals) -> subprocess.Popen:
+    """Runs training and sends `sig` once `step` is logged; returns the finished process."""
     proc = subprocess.Popen(
-        pretrain_command(killed_dir, tiny_corpus, *STEPS), cwd=ROOT, env=subprocess_env(),
+        pretrain_command(output_dir, corpus, *STEPS), cwd=ROOT, env=subprocess_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    seen = []
+    proc.log = []
     for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step      5/8"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+        proc.log.append(line)
+        if line.startswith(f"step {step:>6}/8"):
+            proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                break
+    proc.wait(timeout=120)
+    return proc
+
+
+def assert_matches(after: dict, reference: dict, steps: list[str]) -> None:
+    assert sorted(after["train_loss"], key=int) == steps
+    for step, loss in after["train_loss"].items():
+        assert abs(loss - reference["train_loss"][step]) <= 1e-6 * abs(reference["train_loss"][step]), step
+    assert abs(after["valid_loss"]["8"] - reference["valid_loss"]["8"]) <= 1e-6 * reference["valid_loss"]["8"]
+
+
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_corpus, reference):
+    # Kill -9 right after step 5 is logged: step 3's checkpoint is the newest complete one.
+    killed_dir = tmp_path / "killed"
+    proc = interrupt_after_step(killed_dir, tiny_corpus, 5, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, "".join(proc.log)[-3000:]
     ckpt = killed_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_0000003"
     assert not (killed_dir / "history_rank0.json").exists()
@@ -43,13 +65,24 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_corp
     resumed = run_pretrain(killed_dir, tiny_corpus, *STEPS, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
-    after = history(killed_dir)
-    assert sorted(after["train_loss"], key=int) == ["4", "5", "6", "7", "8"]
-    for step, loss in after["train_loss"].items():
-        assert abs(loss - reference["train_loss"][step]) <= 1e-6 * abs(reference["train_loss"][step]), step
-    assert abs(after["valid_loss"]["8"] - reference["valid_loss"]["8"]) <= 1e-6 * reference["valid_loss"]["8"]
+    assert_matches(history(killed_dir), reference, ["4", "5", "6", "7", "8"])
     assert not list(ckpt.glob("*.partial"))
     assert (ckpt / "latest").read_text().strip() == "step_0000008"
+
+
+def test_sigusr1_checkpoints_stops_and_resumes_exactly(tmp_path, tiny_corpus, reference):
+    out = tmp_path / "signalled"
+    proc = interrupt_after_step(out, tiny_corpus, 4, signal.SIGUSR1)
+    log = "".join(proc.log)
+    assert proc.returncode == 0, log[-3000:]
+    # The signal lands during step 4's logging or step 5; the run stops right after that step.
+    stopped = int(log.split("stopping at step ")[1].split()[0])
+    assert stopped in (4, 5), log[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:07d}"
+    resumed = run_pretrain(out, tiny_corpus, *STEPS, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped}" in resumed.stdout
+    assert_matches(history(out), reference, [str(s) for s in range(stopped + 1, 9)])
 
 
 def test_training_loss_falls_and_tensorboard_has_the_scalars(tmp_path, tiny_corpus):
