@@ -93,6 +93,10 @@ class KLAMixer(MegatronModule):
         self.beta_mode = beta_mode
         self.eps = eps
         self.kernel_backend = kernel_backend
+        if pg_collection.cp.size() > 1:
+            raise ValueError(
+                "KLAMixer has no context-parallel path yet (state passing, DESIGN.md section 3); set parallel.context=1"
+            )
         self.tp_size = pg_collection.tp.size()
         self.tp_rank = pg_collection.tp.rank()
         self.num_heads = config.linear_num_value_heads

@@ -8,9 +8,11 @@ from kla_megatron.config import ModelConfig
 from kla_megatron.specs import block_spec
 
 
-def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = 128) -> int:
-    """The embedding rows: the tokenizer's vocabulary rounded up so each TP shard is a multiple of 128."""
-    step = multiple * tensor_parallel
+def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
+    """The embedding rows: the tokenizer's vocabulary rounded up to a multiple of 1024, so every TP
+    size up to 8 gets shards of a multiple of 128 rows and checkpoints reshard between them unchanged
+    (megatron's own rule, a multiple of 128*TP, changes the model with the TP size)."""
+    step = 1024 if 1024 % (128 * tensor_parallel) == 0 else 128 * tensor_parallel
     return -(-vocab_size // step) * step
 
 

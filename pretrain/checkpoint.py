@@ -23,6 +23,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from pretrain.config import ConfigError
 from pretrain.cpu import cuda_bookkeeping_on_cpu
 
 # The only non-tensor objects a ZeRO optimizer state holds; allowed explicitly for weights_only loads.
@@ -99,24 +100,31 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(path: Path, engine, load_optimizer: bool, data_parallel_size: int) -> dict:
-    """Restores model, optimizer partition and RNG from `path`; returns the trainer state."""
-    trainer_state = json.loads((path / "trainer.json").read_text())
-    model = engine.module
+def load_model(path: Path, model) -> None:
+    """Model weights only, resharded to this run's TP/PP layout by dist_checkpointing."""
+    if not (path / "model" / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint of this program (no model/metadata.json)")
     with cuda_bookkeeping_on_cpu():
         state = dist_checkpointing.load(model.sharded_state_dict(), str(path / "model"))
     model.load_state_dict(state)
-    rank_file = path / "ranks" / f"rank_{dist.get_rank():05d}.pt"
-    if load_optimizer:
-        if not rank_file.is_file():
-            raise RuntimeError(
-                f"{rank_file} is missing: the checkpoint was written with another world size or layout "
-                f"({trainer_state['layout']}). Resume with the same layout, or set checkpoint.load_optimizer=false "
-                "to start a fresh optimizer from the saved weights."
-            )
-        with torch.serialization.safe_globals(_SAFE_OPTIMIZER_GLOBALS):
-            saved = torch.load(rank_file, map_location="cpu", weights_only=True)
-        # ZeRO reads entry [dp_rank] of a per-rank list; the other entries are not used for a rigid load.
-        engine.optimizer.load_state_dict([saved["optimizer"]] * data_parallel_size, load_from_fp32_weights=True)
-        _set_rng_state(saved["rng"])
+
+
+def load_training_state(path: Path, engine, load_optimizer: bool, layout: dict) -> dict:
+    """This rank's ZeRO optimizer partition and RNG from `path` (the model is loaded before
+    DeepSpeed starts, by load_model); returns the trainer state (step, data position, schedule)."""
+    trainer_state = json.loads((path / "trainer.json").read_text())
+    if not load_optimizer:
+        return trainer_state
+    if trainer_state["layout"] != layout:
+        raise ConfigError(
+            f"{path} was saved with layout {trainer_state['layout']}, this run is {layout}: ZeRO optimizer "
+            "partitions only fit the layout that wrote them. Resume with that layout, or set "
+            "checkpoint.load_optimizer=false to keep the weights and start a fresh optimizer."
+        )
+    with torch.serialization.safe_globals(_SAFE_OPTIMIZER_GLOBALS):
+        saved = torch.load(path / "ranks" / f"rank_{dist.get_rank():05d}.pt", map_location="cpu", weights_only=True)
+    # ZeRO reads entry [dp_rank] of a per-rank list; the other entries are not used for a rigid load.
+    data_parallel = layout["world_size"] // (layout["tensor"] * layout["pipeline"])
+    engine.optimizer.load_state_dict([saved["optimizer"]] * data_parallel, load_from_fp32_weights=True)
+    _set_rng_state(saved["rng"])
     return trainer_state

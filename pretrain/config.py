@@ -99,6 +99,9 @@ class CheckpointSection:
     keep: int = 2
     """How many completed checkpoints to keep on disk (oldest go first)."""
     load_optimizer: bool = True
+    init_from: Optional[str] = None
+    """A checkpoint folder (checkpoints/step_N) whose model weights start a new run, at any TP/PP
+    layout; optimizer, schedule and data position start fresh. Ignored when --resume finds one."""
 
 
 @dataclass

@@ -75,9 +75,8 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(rank, world, local, addr, port, launcher)
 
 
-def init_distributed(tensor: int, pipeline: int, context: int) -> LaunchEnv:
+def init_distributed(env: LaunchEnv, tensor: int, pipeline: int, context: int) -> None:
     """torch.distributed (NCCL on GPU, gloo on CPU) and megatron's TP/PP/CP/DP groups."""
-    env = launch_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=env.rank, world_size=env.world_size)
@@ -86,11 +85,6 @@ def init_distributed(tensor: int, pipeline: int, context: int) -> LaunchEnv:
         pipeline_model_parallel_size=pipeline,
         context_parallel_size=context,
     )
-    return env
-
-
-def data_parallel_size(world_size: int, tensor: int, pipeline: int, context: int) -> int:
-    return world_size // (tensor * pipeline * context)
 
 
 def shutdown() -> None:

@@ -77,6 +77,9 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Dat
         raise ConfigError("training.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
     if not 0 <= t.warmup_steps < t.steps:
         raise ConfigError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps})")
+    init_from = config.checkpoint.init_from
+    if init_from and not (Path(init_from) / "model" / "metadata.json").is_file():
+        raise ConfigError(f"checkpoint.init_from={init_from} is not a checkpoint folder (e.g. outputs/run/checkpoints/step_0000100)")
     files = DataFiles.resolve(d)
     out = Path(config.output_dir)
     try:
@@ -154,7 +157,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
         raise ConfigError(f"{ckpt_root} already holds a checkpoint; pass --resume to continue it, or use a new output_dir")
 
     p, t = config.parallel, config.training
-    init_distributed(p.tensor, p.pipeline, p.context)
+    init_distributed(env, p.tensor, p.pipeline, p.context)
     rank0 = dist.get_rank() == 0
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -178,6 +181,11 @@ def run(config: TrainConfig, resume: bool) -> dict:
         recompute=t.recompute,
     )
     model = build_model(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length)
+    latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
+    start_weights = latest or (Path(config.checkpoint.init_from) if config.checkpoint.init_from else None)
+    if start_weights is not None:
+        # Before DeepSpeed takes its fp32 master copy of the weights.
+        checkpoint.load_model(start_weights, model)
     engine = zero.initialize(model, config, bf16, dp_size)
     tf_config.no_sync_func = partial(zero.accumulating, engine)
     scheduler = OptimizerParamScheduler(
@@ -203,19 +211,14 @@ def run(config: TrainConfig, resume: bool) -> dict:
     )
     layout = {"world_size": env.world_size, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "zero_stage": p.zero_stage}
     step, consumed = 0, 0
-    latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
-        load_optimizer = config.checkpoint.load_optimizer
-        state = checkpoint.load(latest, engine, load_optimizer, dp_size)
-        if load_optimizer and state["layout"] != layout:
-            raise ConfigError(
-                f"{latest} was saved with layout {state['layout']}, this run is {layout}; resume with the same "
-                "layout or set checkpoint.load_optimizer=false"
-            )
+        state = checkpoint.load_training_state(latest, engine, config.checkpoint.load_optimizer, layout)
         step, consumed = state["step"], state["consumed_samples"]
         scheduler.load_state_dict(state["scheduler"])
         if rank0:
             print(f"resumed from {latest} at step {step} ({consumed} samples consumed)", flush=True)
+    elif start_weights is not None and rank0:
+        print(f"initialised the model from {start_weights}", flush=True)
     elif resume and rank0:
         print(f"--resume: no checkpoint under {ckpt_root}, starting from scratch", flush=True)
     batches = MicroBatches(train_ds, t.micro_batch_size, dp_rank, dp_size, consumed)
@@ -234,7 +237,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
         n_params = sum(x.numel() for x in model.parameters())
         print(
             f"training {config.model.name} ({model_config.mixer}, {n_params / 1e6:.1f}M parameters on rank 0) | "
-            f"{env.world_size} processes ({env.launcher}): TP {p.tensor} PP {p.pipeline} CP {p.context} DP {dp_size}, "
+            f"{env.world_size} process(es) ({env.launcher}): TP {p.tensor} PP {p.pipeline} CP {p.context} DP {dp_size}, "
             f"ZeRO-{p.zero_stage}, {'bf16' if bf16 else 'fp32'} on {'cuda' if torch.cuda.is_available() else 'cpu'} | "
             f"{num_microbatches} micro-batches x {t.micro_batch_size} x {config.data.seq_length} tokens per rank "
             f"({tokens_per_step} tokens a step) | outputs in {out}",

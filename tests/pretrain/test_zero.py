@@ -33,9 +33,9 @@ def batches(step: int) -> list[dict]:
 def build(world_size: int, zero_stage: int):
     from kla_megatron import build_model, named_model, transformer_config
     from pretrain.config import load_config
-    from pretrain.distributed import init_distributed
+    from pretrain.distributed import init_distributed, launch_env
 
-    init_distributed(1, 1, 1)
+    init_distributed(launch_env(), 1, 1, 1)
     torch.manual_seed(0)
     model_config = named_model("tiny")
     tf_config = transformer_config(model_config, use_cpu_initialization=True)
