@@ -73,7 +73,7 @@ class Metrics:
             eta = seconds * (self.total_steps - step)
             print(
                 f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
-                f"{tokens_per_s:,.0f} tok/s | {tflops:.1f} TFLOP/s/gpu | mem {memory:.2f} GiB | "
+                f"{tokens_per_s:,.0f} tok/s | {tflops:.2f} TFLOP/s/gpu | mem {memory:.2f} GiB | "
                 f"ETA {_duration(eta)}",
                 flush=True,
             )
