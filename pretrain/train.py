@@ -149,6 +149,7 @@ def is_reporting_rank() -> bool:
 
 
 def run(config: TrainConfig, resume: bool) -> dict:
+    stop = StopSignal()  # first: a signal during start-up is honoured after the first step
     env = launch_env()
     model_config, files = check_config(config, env.world_size)
     out = Path(config.output_dir)
@@ -269,7 +270,6 @@ def run(config: TrainConfig, resume: bool) -> dict:
             print(f"saved checkpoint {path}", flush=True)
 
     history = {"train_loss": {}, "valid_loss": {}}
-    stop = StopSignal()
     engine.train()
     metrics.start(step)
     while step < t.steps:

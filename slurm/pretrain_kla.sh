@@ -33,6 +33,20 @@ PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OVERRIDES=("$@")
 
+TRAINING=
+requeue() {
+  # Slurm's warning before the time limit: training checkpoints at the end of its current step and
+  # exits; then the job goes back in the queue and resumes from that checkpoint.
+  echo "== USR1 before the time limit: checkpointing, then requeueing job ${SLURM_JOB_ID:-} (restart ${SLURM_RESTART_COUNT:-0})"
+  if [ -n "$TRAINING" ]; then
+    kill -USR1 "$TRAINING" 2>/dev/null || true
+    wait "$TRAINING" || true
+  fi
+  [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
+trap requeue USR1
+
 if [ -z "${CONFIG:-}" ]; then
   CONFIG=configs/tiny.toml
   OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny}
@@ -49,15 +63,6 @@ TRAIN=(-m pretrain --config "$CONFIG" --resume "${OVERRIDES[@]}")
 if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   export MASTER_ADDR MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
-  requeue() {
-    # Training checkpoints at the end of its current step and exits; then the job goes back in the queue.
-    echo "== USR1 before the time limit: checkpointing, then requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"
-    kill -USR1 "$TRAINING" 2>/dev/null || true
-    wait "$TRAINING" || true
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
-  }
-  trap requeue USR1
   echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"
   # In the background so the USR1 trap runs while training does; srun passes USR1 on to every task.
   srun --kill-on-bad-exit=1 "$PYTHON" "${TRAIN[@]}" &
