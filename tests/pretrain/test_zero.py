@@ -56,6 +56,7 @@ def zero_worker(rank: int, world_size: int, port: int, zero_stage: int, out: str
     engine = zero.initialize(model, config, bf16=False, data_parallel=world_size)
     tf_config.no_sync_func = partial(zero.accumulating, engine)
     micro = SAMPLES // world_size
+    norms = []
     for step in range(STEPS):
         # Data-parallel rank r takes micro-batch j = sample j*D + r, as pretrain.data.MicroBatches does.
         mine = [batches(step)[j * world_size + rank] for j in range(micro)]
@@ -65,8 +66,10 @@ def zero_worker(rank: int, world_size: int, port: int, zero_stage: int, out: str
                 num_microbatches=micro, seq_length=SEQ, micro_batch_size=1, forward_only=False,
             )
         engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
     if rank == 0:
-        torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, out)
+        params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        torch.save({"params": params, "grad_norms": torch.tensor(norms)}, out)
 
 
 def reference_worker(rank: int, out: str, port: int):
@@ -76,6 +79,7 @@ def reference_worker(rank: int, out: str, port: int):
 
     model, _, config = build(1, 1)
     optimizer = zero.adamw(model, config)
+    norms = []
     for step in range(STEPS):
         optimizer.zero_grad()
         for b in batches(step):
@@ -84,8 +88,10 @@ def reference_worker(rank: int, out: str, port: int):
             (loss / SAMPLES).backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
         assert norm > config.training.grad_clip, "the test must exercise clipping"
+        norms.append(float(norm))
         optimizer.step()
-    torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.save({"params": params, "grad_norms": torch.tensor(norms)}, out)
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
@@ -94,7 +100,13 @@ def test_zero_over_two_ranks_equals_one_plain_adamw_step(tmp_path, zero_stage):
     mp.start_processes(reference_worker, args=(str(tmp_path / "ref.pt"), free_port()), nprocs=1, start_method="spawn")
     ours = torch.load(tmp_path / "zero.pt", weights_only=True)
     ref = torch.load(tmp_path / "ref.pt", weights_only=True)
-    assert ours.keys() == ref.keys()
-    for name in ref:
-        rel = (ours[name] - ref[name]).norm() / ref[name].norm()
-        assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
+    # The gradient norm before clipping pins the gradient's scale (Adam and clipping would hide a
+    # wrongly scaled gradient in the parameters); the parameters pin everything else.
+    norm_rel = ((ours["grad_norms"] - ref["grad_norms"]).abs() / ref["grad_norms"]).max()
+    assert norm_rel < 1e-5, f"grad norms {ours['grad_norms'].tolist()} vs {ref['grad_norms'].tolist()}"
+    assert ours["params"].keys() == ref["params"].keys()
+    for name, expected in ref["params"].items():
+        # fp32 reduction order differs (gloo, ZeRO's flat buffers); Adam's 1/sqrt(v) amplifies it
+        # where gradients are tiny, so the bound is 5e-5 rather than fp32's 1e-7.
+        rel = (ours["params"][name] - expected).norm() / expected.norm()
+        assert rel < 5e-5, f"{name}: relative error {rel:.2e}"

@@ -1,0 +1,199 @@
+"""Benchmark of the KLA Triton kernels beside fla (issue 4), on one GPU, in one run.
+
+Per shape of shared/ANCHORS.md, fwd and fwd+bwd (bf16 inputs, fp32 gates), triton.testing.do_bench
+medians of:
+  ours        chunk_kla (KLA: key norm, beta, q norm and gate cumsum inside the kernels)
+  fla_gdn     fla's chunk_gated_delta_rule, use_qk_l2norm_in_kernel=True (the GDN baseline)
+  fla_kla     fla's kernel on KLA prepared in PyTorch (q normalised, beta = eta/(|k|^2+eps), raw k)
+and the decode table (one token, H=12, K=96, V=192, fp32 states): ours with an in-place pool of
+states vs fla's fused_recurrent_gated_delta_rule. Beside each row: the floor, max(bytes / 3.0 TB/s,
+FLOPs / 690 TFLOP/s), and ours' fraction of it (floor / time). fla is needed only here.
+
+    python bench/kernels.py --out bench/results/kernels.json [--profile] [--sweep]
+"""
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import chunk_kla, fused_recurrent_kla  # noqa: E402
+from kernels.kla import chunk_triton  # noqa: E402
+
+BANDWIDTH = 3.0e12   # bytes/s, device-to-device copy measured on the H100 (ANCHORS.md)
+MATMUL = 690e12      # bf16 FLOP/s
+SHAPES = [(8, 4096, 12, 96, 192), (4, 8192, 16, 128, 128), (1, 65536, 12, 96, 192)]
+DECODE_BATCHES = [1, 16, 64, 256]
+EPS = 1e-6
+
+
+def make_inputs(B, T, H, K, V, requires_grad=True):
+    q = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+    k = (torch.randn(B, T, H, K, device="cuda") * torch.randn(B, T, H, 1, device="cuda").exp()).bfloat16()
+    v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 4)
+    eta = torch.sigmoid(torch.randn(B, T, H, device="cuda"))
+    tensors = [q, k, v, g, eta]
+    return [x.requires_grad_(requires_grad) for x in tensors]
+
+
+def ours(q, k, v, g, eta):
+    return chunk_kla(q, k, v, g, eta)[0]
+
+
+def fla_gdn(q, k, v, g, eta):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    return chunk_gated_delta_rule(q, k, v, g, eta, use_qk_l2norm_in_kernel=True)[0]
+
+
+def fla_kla(q, k, v, g, eta):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    qn = q * torch.rsqrt(q.float().square().sum(-1, keepdim=True) + EPS).to(q.dtype)
+    beta = eta / (k.float().square().sum(-1) + EPS)
+    return chunk_gated_delta_rule(qn, k, v, g, beta)[0]
+
+
+def time_fwd(fn, inputs):
+    return do_bench(lambda: fn(*inputs), warmup=25, rep=150, return_mode="median")
+
+
+def time_fwd_bwd(fn, inputs):
+    do = torch.randn_like(inputs[2])
+    return do_bench(lambda: fn(*inputs).backward(do), warmup=25, rep=150, grad_to_none=inputs, return_mode="median")
+
+
+def floor_ms(B, T, H, K, V, op):
+    """Each input read once, each output written once; FLOPs of the chunked algorithm (64-token chunks:
+    kk^T, w, qk^T (3 BT^2 K), u, P vn (2 BT^2 V), w h, state update, q h (3 BT K V) per chunk), bwd = 2x fwd."""
+    tokens = B * T * H
+    fwd_bytes = tokens * (2 * (2 * K + V) + 8 + 2 * V)                    # q, k, v, g, eta in; o out
+    bwd_bytes = tokens * (2 * (2 * K + 2 * V) + 8 + 2 * (2 * K + V) + 8)  # q, k, v, do, g, eta in; grads out
+    fwd_flops = 2 * tokens * (3 * 64 * K + 2 * 64 * V + 3 * K * V)
+    nbytes, flops = (fwd_bytes, fwd_flops) if op == "fwd" else (fwd_bytes + bwd_bytes, 3 * fwd_flops)
+    return max(nbytes / BANDWIDTH, flops / MATMUL) * 1e3
+
+
+def chunk_rows(shapes):
+    rows = []
+    for B, T, H, K, V in shapes:
+        inputs = make_inputs(B, T, H, K, V)
+        shape = f"B{B} T{T} H{H} K{K} V{V}"
+        for op, timer in (("fwd", time_fwd), ("fwd+bwd", time_fwd_bwd)):
+            row = {"shape": shape, "op": op}
+            for name, fn in (("ours", ours), ("fla_gdn", fla_gdn), ("fla_kla", fla_kla)):
+                try:
+                    row[f"{name}_ms"] = round(timer(fn, inputs), 4)
+                except Exception as e:  # keep the table going if a peer fails; say why
+                    row[f"{name}_ms"] = None
+                    print(f"{name} {shape} {op} failed: {type(e).__name__}: {e}", flush=True)
+            row["floor_ms"] = round(floor_ms(B, T, H, K, V, op), 4)
+            row["ours_floor_fraction"] = round(row["floor_ms"] / row["ours_ms"], 3) if row["ours_ms"] else None
+            gdn = row["fla_gdn_ms"]
+            row["speedup_vs_fla_gdn"] = round(gdn / row["ours_ms"], 2) if gdn and row["ours_ms"] else None
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode_rows(batches, H=12, K=96, V=192):
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+    rows = []
+    for batch in batches:
+        q, k, v, g, eta = make_inputs(batch, 1, H, K, V, requires_grad=False)
+        pool = torch.randn(batch, H, K, V, device="cuda") * 0.1
+        slots = torch.arange(batch, device="cuda")
+        t_ours = do_bench(lambda: fused_recurrent_kla(q, k, v, g, eta, initial_state=pool, state_indices=slots),
+                          warmup=25, rep=150, return_mode="median")
+        t_fla = do_bench(lambda: fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=eta, initial_state=pool,
+                                                                  output_final_state=True,
+                                                                  use_qk_l2norm_in_kernel=True),
+                         warmup=25, rep=150, return_mode="median")
+        floor = batch * H * K * V * 4 * 2 / BANDWIDTH * 1e3  # the fp32 state read and written
+        row = {"batch": batch, "ours_ms": round(t_ours, 4), "fla_fused_recurrent_ms": round(t_fla, 4),
+               "floor_ms": round(floor, 4), "ours_floor_fraction": round(floor / t_ours, 3),
+               "speedup_vs_fla": round(t_fla / t_ours, 2)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def sweep(shape=(8, 4096, 12, 96, 192)):
+    """Time ours' fwd+bwd at one shape with each kernel's launch options varied alone."""
+    inputs = make_inputs(*shape)
+    base = time_fwd_bwd(ours, inputs)
+    print(f"sweep {shape}: current {base:.3f} ms", flush=True)
+    for name, current in list(chunk_triton.LAUNCH.items()):
+        for num_warps in (2, 4, 8):
+            for num_stages in (1, 2, 3):
+                option = dict(num_warps=num_warps, num_stages=num_stages)
+                if option == current:
+                    continue
+                chunk_triton.LAUNCH[name] = option
+                try:
+                    print(f"  {name} {option}: {time_fwd_bwd(ours, inputs):.3f} ms", flush=True)
+                except Exception as e:
+                    print(f"  {name} {option}: failed {type(e).__name__}", flush=True)
+        chunk_triton.LAUNCH[name] = current
+
+
+def profile(shape=(8, 4096, 12, 96, 192)):
+    """Per-kernel GPU time of ours' fwd+bwd at one shape (where the time goes)."""
+    inputs = make_inputs(*shape)
+    do = torch.randn_like(inputs[2])
+    for _ in range(3):
+        ours(*inputs).backward(do)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            ours(*inputs).backward(do)
+        torch.cuda.synchronize()
+    print(f"profile of ours fwd+bwd at {shape}, 5 iterations:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=40))
+
+
+def print_tables(result):
+    print(f"\n{result['device']}  {result['date']}")
+    print(f"{'shape':28} {'op':8} {'ours':>8} {'fla_gdn':>8} {'fla_kla':>8} {'floor':>7} {'floor/ours':>10} {'vs GDN':>7}")
+    fmt = lambda x: f"{x:8.3f}" if x is not None else f"{'-':>8}"
+    for r in result["rows"]:
+        print(f"{r['shape']:28} {r['op']:8} {fmt(r['ours_ms'])} {fmt(r['fla_gdn_ms'])} {fmt(r['fla_kla_ms'])} "
+              f"{r['floor_ms']:7.3f} {r['ours_floor_fraction'] or 0:10.2f} {r['speedup_vs_fla_gdn'] or 0:6.2f}x")
+    print(f"\n{'decode batch':12} {'ours':>8} {'fla':>8} {'floor':>7} {'floor/ours':>10} {'vs fla':>7}")
+    for r in result["decode"]:
+        print(f"{r['batch']:12} {r['ours_ms']:8.4f} {r['fla_fused_recurrent_ms']:8.4f} {r['floor_ms']:7.4f} "
+              f"{r['ours_floor_fraction']:10.2f} {r['speedup_vs_fla']:6.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results/kernels.json")
+    parser.add_argument("--sweep", action="store_true", help="also vary each kernel's warps/stages")
+    parser.add_argument("--profile", action="store_true", help="also print ours' time per kernel")
+    args = parser.parse_args()
+    import fla.ops.common.chunk_o
+    # fla refuses its gated backward under Triton < 3.7.1 on Hopper (fla #640); lifted for timing only,
+    # its values are not used (ANCHORS.md)
+    fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True
+    torch.manual_seed(0)
+    print(f"benchmarking on {torch.cuda.get_device_name()}", flush=True)
+    if args.profile:
+        profile()
+    if args.sweep:
+        sweep()
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "rows": chunk_rows(SHAPES), "decode": decode_rows(DECODE_BATCHES)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print_tables(result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

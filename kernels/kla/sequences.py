@@ -1,0 +1,47 @@
+"""How the Triton kernels walk sequences: every input is seen as packed documents [1, sum T, H, *]
+(B equal rows become B documents), cut into chunks of BT tokens that never cross a document."""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64  # chunk length; the 16 x 16 block inverse of chunk_prepare.py assumes 64
+BT = tl.constexpr(CHUNK)  # the same, as kernels read it
+
+
+@dataclass
+class ChunkLayout:
+    cu_seqlens: torch.Tensor     # int32 [N + 1] document offsets
+    chunk_indices: torch.Tensor  # int32 [num_chunks, 2]: (document, chunk within it), documents in order
+    chunk_offsets: torch.Tensor  # int32 [N]: index of each document's first chunk
+    num_chunks: int
+    num_seqs: int
+
+
+def chunk_layout(B, T, cu_seqlens, device):
+    if cu_seqlens is None:
+        nt = triton.cdiv(T, CHUNK)
+        counts = torch.full((B,), nt, dtype=torch.int64)
+        cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
+    else:
+        lengths = torch.diff(cu_seqlens.cpu().long())  # host sync: the grid size depends on it
+        counts = (lengths + CHUNK - 1) // CHUNK
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    offsets = torch.cumsum(counts, 0) - counts
+    seq = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    within = torch.arange(int(counts.sum())) - offsets[seq]
+    chunk_indices = torch.stack([seq, within], 1).to(device=device, dtype=torch.int32).contiguous()
+    return ChunkLayout(cu, chunk_indices, offsets.to(device=device, dtype=torch.int32), int(counts.sum()), len(counts))
+
+
+@triton.jit
+def chunk_position(cu_seqlens, chunk_indices, i_c):
+    """(document, chunk within it, first token, document length) of global chunk i_c. The first token
+    is int64 for pointer arithmetic; positions inside a document stay int32, as block pointers need."""
+    i_n = tl.load(chunk_indices + i_c * 2)
+    i_t = tl.load(chunk_indices + i_c * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    seq_len = tl.load(cu_seqlens + i_n + 1) - bos
+    return i_n, i_t, bos.to(tl.int64), seq_len
