@@ -65,7 +65,7 @@ def main() -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\n| device | model | seq | tokens/s | TFLOP/s/GPU | peak GiB | loss first -> last |")
+    print("\n| device | model | seq | tokens/s | TFLOP/s/GPU | peak GiB | loss first -> last |")
     print("|---|---|---|---|---|---|---|")
     print(
         f"| {result['device']} | {result['model']} | {result['seq_length']} | {result['tokens_per_s']:,.0f} | "

@@ -203,11 +203,11 @@ def run(config: TrainConfig, resume: bool) -> dict:
         wd_incr_style="constant",
     )
 
-    eval_steps = (t.steps // config.eval.interval + 1) if config.eval.interval else 0
     train_ds, valid_ds = build_datasets(
         files, tokenizer, config.data.seq_length, t.seed,
         train_samples=t.steps * t.global_batch_size,
-        valid_samples=config.eval.iters * t.global_batch_size * (1 if eval_steps else 0),
+        # Every validation reads the same eval.iters global batches.
+        valid_samples=config.eval.iters * t.global_batch_size if config.eval.interval else 0,
         cache_dir=str(out / "data_cache"),
     )
     layout = {"world_size": env.world_size, "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "zero_stage": p.zero_stage}

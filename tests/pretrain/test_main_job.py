@@ -2,7 +2,6 @@
 corpus, trains, and leaves TensorBoard events and a checkpoint; run again, it resumes."""
 
 import json
-import os
 import subprocess
 import sys
 
