@@ -9,7 +9,8 @@ and the decode table (one token, H=12, K=96, V=192, fp32 states): ours with an i
 states vs fla's fused_recurrent_gated_delta_rule. Beside each row: the floor, max(bytes / 3.0 TB/s,
 FLOPs / 690 TFLOP/s), and ours' fraction of it (floor / time). fla is needed only here.
 
-    python bench/kernels.py --out bench/results/kernels.json [--profile] [--sweep]
+    python bench/kernels.py --out bench/results/kernels.json
+(bench/kernel_stages.py times each stage alone over its launch options, and fla's kernels one by one.)
 """
 
 import argparse
@@ -24,7 +25,6 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import chunk_kla, fused_recurrent_kla  # noqa: E402
-from kernels.kla import chunk_triton  # noqa: E402
 
 BANDWIDTH = 3.0e12   # bytes/s, device-to-device copy measured on the H100 (ANCHORS.md)
 MATMUL = 690e12      # bf16 FLOP/s
@@ -79,8 +79,7 @@ def floor_ms(B, T, H, K, V, op):
     return max(nbytes / BANDWIDTH, flops / MATMUL) * 1e3
 
 
-def chunk_rows(shapes):
-    rows = []
+def chunk_rows(shapes, rows, save):
     for B, T, H, K, V in shapes:
         inputs = make_inputs(B, T, H, K, V)
         shape = f"B{B} T{T} H{H} K{K} V{V}"
@@ -98,14 +97,13 @@ def chunk_rows(shapes):
             row["speedup_vs_fla_gdn"] = round(gdn / row["ours_ms"], 2) if gdn and row["ours_ms"] else None
             print(json.dumps(row), flush=True)
             rows.append(row)
+            save()
         del inputs
         torch.cuda.empty_cache()
-    return rows
 
 
-def decode_rows(batches, H=12, K=96, V=192):
+def decode_rows(batches, rows, save, H=12, K=96, V=192):
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
-    rows = []
     for batch in batches:
         q, k, v, g, eta = make_inputs(batch, 1, H, K, V, requires_grad=False)
         pool = torch.randn(batch, H, K, V, device="cuda") * 0.1
@@ -122,40 +120,7 @@ def decode_rows(batches, H=12, K=96, V=192):
                "speedup_vs_fla": round(t_fla / t_ours, 2)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    return rows
-
-
-def sweep(shape=(8, 4096, 12, 96, 192)):
-    """Time ours' fwd+bwd at one shape with each kernel's launch options varied alone."""
-    inputs = make_inputs(*shape)
-    base = time_fwd_bwd(ours, inputs)
-    print(f"sweep {shape}: current {base:.3f} ms", flush=True)
-    for name, current in list(chunk_triton.LAUNCH.items()):
-        for num_warps in (2, 4, 8):
-            for num_stages in (1, 2, 3):
-                option = dict(num_warps=num_warps, num_stages=num_stages)
-                if option == current:
-                    continue
-                chunk_triton.LAUNCH[name] = option
-                try:
-                    print(f"  {name} {option}: {time_fwd_bwd(ours, inputs):.3f} ms", flush=True)
-                except Exception as e:
-                    print(f"  {name} {option}: failed {type(e).__name__}", flush=True)
-        chunk_triton.LAUNCH[name] = current
-
-
-def profile(shape=(8, 4096, 12, 96, 192)):
-    """Per-kernel GPU time of ours' fwd+bwd at one shape (where the time goes)."""
-    inputs = make_inputs(*shape)
-    do = torch.randn_like(inputs[2])
-    for _ in range(3):
-        ours(*inputs).backward(do)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            ours(*inputs).backward(do)
-        torch.cuda.synchronize()
-    print(f"profile of ours fwd+bwd at {shape}, 5 iterations:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=40))
+        save()
 
 
 def print_tables(result):
@@ -174,8 +139,6 @@ def print_tables(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/kernels.json")
-    parser.add_argument("--sweep", action="store_true", help="also vary each kernel's warps/stages")
-    parser.add_argument("--profile", action="store_true", help="also print ours' time per kernel")
     args = parser.parse_args()
     import fla.ops.common.chunk_o
     # fla refuses its gated backward under Triton < 3.7.1 on Hopper (fla #640); lifted for timing only,
@@ -183,14 +146,16 @@ def main():
     fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True
     torch.manual_seed(0)
     print(f"benchmarking on {torch.cuda.get_device_name()}", flush=True)
-    if args.profile:
-        profile()
-    if args.sweep:
-        sweep()
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "rows": chunk_rows(SHAPES), "decode": decode_rows(DECODE_BATCHES)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "rows": [],
+              "decode": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every row, so a run cut short keeps what it measured
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    chunk_rows(SHAPES, result["rows"], save)
+    decode_rows(DECODE_BATCHES, result["decode"], save)
     print_tables(result)
     print(f"wrote {args.out}")
 

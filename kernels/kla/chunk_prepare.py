@@ -1,15 +1,21 @@
 """Per-chunk preparation of chunk_kla and its backward (the WY/UT stages of chunk_torch.py).
 
-Forward, one program per (chunk, head): cumulative log decay gc, key norm rk = (|k|^2+eps)^-1/2,
-unit keys kk = k rk, the strictly lower L = beta_i <kk_i, kk_j> exp(gc_i - gc_j), its inverse
-Ainv = (I + L)^-1, and w = Ainv (beta exp(gc) kk), u = Ainv (beta vv) with vv = v rk (kaczmarz)
-or v (sigmoid). Backward reverses these stages and the key/value normalisation in one program.
+Forward, one program per (chunk, head), in two kernels: fwd_solve computes the cumulative log decay gc,
+the key and query norms rk = (|k|^2+eps)^-1/2, rq, the strictly lower L = beta_i <kk_i, kk_j>
+exp(gc_i - gc_j) of the unit keys kk = k rk and its inverse Ainv = (I + L)^-1 (kept for the backward);
+fwd_wu computes w = Ainv (beta exp(gc) kk) and u = Ainv (beta vv) with vv = v rk (kaczmarz) or v
+(sigmoid), and runs again in the backward. bwd_prepare reverses these stages and the key/value
+normalisation in one program.
+
+Keys, queries and values enter the tensor-core products as stored (bf16 stays bf16); the per-token
+factors (rk, beta, decays) scale the other operand or the product, so no fp32 copy of a [BT, K] tile
+lives across a product.
 """
 
 import triton
 import triton.language as tl
 
-from .sequences import BT, chunk_position
+from .sequences import BT, chunk_position, load_rows, load_tokens, row_block
 
 
 @triton.jit
@@ -46,56 +52,79 @@ def invert_unit_lower(b_L, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def load_unit_keys(k, rk, bos, t0, seq_len, i_h, H, K: tl.constexpr, BK: tl.constexpr):
-    """kk = k * rk for the chunk's rows (zero beyond the sequence), fp32 [BT, BK]."""
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (seq_len, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-    o_t = t0 + tl.arange(0, BT)
-    b_rk = tl.load(rk + (bos + o_t) * H + i_h, mask=o_t < seq_len, other=0.)
-    return b_k * b_rk[:, None]
+def inverse_norm(b_x, eps):
+    """(|x_t|^2 + eps)^-1/2 of each row of a [BT, D] tile, in fp32."""
+    b_x = b_x.to(tl.float32)
+    return tl.rsqrt(tl.sum(b_x * b_x, 1) + eps)
 
 
 @triton.jit
-def chunk_kla_fwd_prepare_kernel(k, v, g, eta, gc, rk, Ainv, w, u, cu_seqlens, chunk_indices, eps,
-                                 H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                                 BV: tl.constexpr, KACZMARZ: tl.constexpr, STORE_AINV: tl.constexpr,
-                                 DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+def key_gram(b_k, b_rk, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """<kk_i, kk_j> = <k_i, k_j> rk_i rk_j, fp32 [BT, BT]."""
+    b_k = b_k.to(DOT_DTYPE)
+    return tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC) * b_rk[:, None] * b_rk[None, :]
+
+
+@triton.jit
+def chunk_inverse_pointers(Ainv, bos, o_t, i_h, H):
+    return Ainv + (bos + o_t[:, None]) * (H * BT) + i_h * BT + tl.arange(0, BT)[None, :]
+
+
+@triton.jit
+def chunk_kla_fwd_solve_kernel(q, k, g, eta, gc, rk, rq, Ainv, cu_seqlens, chunk_indices, eps, H, K: tl.constexpr,
+                               BK: tl.constexpr, NORMALIZE_Q: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                               DOT_PREC: tl.constexpr):
+    """gc, rk, rq (1 without query normalisation) and Ainv of one chunk, all kept for the backward
+    (as fla keeps its A)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_t, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_c)
     t0 = i_t * BT
     o_t = t0 + tl.arange(0, BT)
     m_t = o_t < seq_len
-    p_scalar = (bos + o_t) * H + i_h
-    b_gc = tl.cumsum(tl.load(g + p_scalar, mask=m_t, other=0.), 0)
-    b_beta = tl.load(eta + p_scalar, mask=m_t, other=0.)
-    tl.store(gc + p_scalar, b_gc, mask=m_t)
-
-    p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (seq_len, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-    b_rk = tl.rsqrt(tl.sum(b_k * b_k, 1) + eps)
-    tl.store(rk + p_scalar, b_rk, mask=m_t)
-    b_kk = (b_k * b_rk[:, None]).to(DOT_DTYPE)
+    p_token = (bos + o_t) * H + i_h
+    b_gc = tl.cumsum(load_tokens(g, bos, o_t, seq_len, i_h, H), 0)
+    b_beta = load_tokens(eta, bos, o_t, seq_len, i_h, H)
+    tl.store(gc + p_token, b_gc, mask=m_t)
+    if NORMALIZE_Q:
+        b_rq = inverse_norm(load_rows(q, bos, t0, seq_len, i_h, H, K, BK), eps)
+    else:
+        b_rq = tl.full([BT], 1., dtype=tl.float32)
+    tl.store(rq + p_token, b_rq, mask=m_t)
+    b_k = load_rows(k, bos, t0, seq_len, i_h, H, K, BK)
+    b_rk = inverse_norm(b_k, eps)
+    tl.store(rk + p_token, b_rk, mask=m_t)
 
     # L = beta_i <kk_i, kk_j> exp(gc_i - gc_j), strictly lower
     m_lower = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
-    b_L = tl.dot(b_kk, tl.trans(b_kk), input_precision=DOT_PREC)
+    b_L = key_gram(b_k, b_rk, DOT_DTYPE, DOT_PREC)
     b_L *= b_beta[:, None] * tl.exp(tl.where(m_lower, b_gc[:, None] - b_gc[None, :], float("-inf")))
     b_Ai = invert_unit_lower(b_L, DOT_PREC)
-    if STORE_AINV:  # for the backward; the forward alone needs only w and u
-        p_A = Ainv + (bos + o_t[:, None]) * (H * BT) + i_h * BT + tl.arange(0, BT)[None, :]
-        tl.store(p_A, b_Ai, mask=m_t[:, None])
-    b_Ai = b_Ai.to(DOT_DTYPE)
+    tl.store(chunk_inverse_pointers(Ainv, bos, o_t, i_h, H), b_Ai.to(Ainv.dtype.element_ty), mask=m_t[:, None])
 
-    b_w = tl.dot(b_Ai, (b_kk * (b_beta * tl.exp(b_gc))[:, None]).to(DOT_DTYPE), input_precision=DOT_PREC)
-    p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (seq_len, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    tl.store(p_w, b_w.to(p_w.dtype.element_ty), boundary_check=(0, 1))
-    b_value_scale = b_beta * b_rk if KACZMARZ else b_beta
+
+@triton.jit
+def chunk_kla_fwd_wu_kernel(k, v, eta, gc, rk, Ainv, w, u, cu_seqlens, chunk_indices, H, K: tl.constexpr,
+                            V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KACZMARZ: tl.constexpr,
+                            DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """w = Ainv diag(beta exp(gc) rk) k and u = Ainv diag(beta [rk]) v of one chunk."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, i_t, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_c)
+    t0 = i_t * BT
+    o_t = t0 + tl.arange(0, BT)
+    b_beta = load_tokens(eta, bos, o_t, seq_len, i_h, H)
+    b_rk = load_tokens(rk, bos, o_t, seq_len, i_h, H)
+    b_Ai = tl.load(chunk_inverse_pointers(Ainv, bos, o_t, i_h, H), mask=(o_t < seq_len)[:, None], other=0.)
+    b_Ai = b_Ai.to(tl.float32)
+    b_step = b_beta * tl.exp(load_tokens(gc, bos, o_t, seq_len, i_h, H)) * b_rk
+    b_w = tl.dot((b_Ai * b_step[None, :]).to(DOT_DTYPE), load_rows(k, bos, t0, seq_len, i_h, H, K, BK).to(DOT_DTYPE),
+                 input_precision=DOT_PREC)
+    tl.store(row_block(w, bos, t0, seq_len, i_h, H, K, 0, BK), b_w.to(w.dtype.element_ty), boundary_check=(0, 1))
+    b_Au = (b_Ai * (b_beta * b_rk if KACZMARZ else b_beta)[None, :]).to(DOT_DTYPE)
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (seq_len, V), (H * V, 1), (t0, i_v * BV), (BT, BV), (1, 0))
-        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (seq_len, V), (H * V, 1), (t0, i_v * BV), (BT, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32) * b_value_scale[:, None]
-        b_u = tl.dot(b_Ai, b_v.to(DOT_DTYPE), input_precision=DOT_PREC)
-        tl.store(p_u, b_u.to(p_u.dtype.element_ty), boundary_check=(0, 1))
+        b_v = tl.load(row_block(v, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1))
+        b_u = tl.dot(b_Au, b_v.to(DOT_DTYPE), input_precision=DOT_PREC)
+        tl.store(row_block(u, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), b_u.to(u.dtype.element_ty),
+                 boundary_check=(0, 1))
 
 
 @triton.jit
@@ -110,68 +139,64 @@ def chunk_kla_bwd_prepare_kernel(k, v, eta, gc, rk, Ainv, h, du, dkk, dgc, dk, d
     t0 = i_t * BT
     o_t = t0 + tl.arange(0, BT)
     m_t = o_t < seq_len
-    p_scalar = (bos + o_t) * H + i_h
-    b_gc = tl.load(gc + p_scalar, mask=m_t, other=0.)
-    b_beta = tl.load(eta + p_scalar, mask=m_t, other=0.)
-    b_rk = tl.load(rk + p_scalar, mask=m_t, other=0.)
-    p_A = Ainv + (bos + o_t[:, None]) * (H * BT) + i_h * BT + tl.arange(0, BT)[None, :]
-    b_Ai = tl.load(p_A, mask=m_t[:, None], other=0.).to(DOT_DTYPE)
+    p_token = (bos + o_t) * H + i_h
+    b_gc = load_tokens(gc, bos, o_t, seq_len, i_h, H)
+    b_beta = load_tokens(eta, bos, o_t, seq_len, i_h, H)
+    b_rk = load_tokens(rk, bos, o_t, seq_len, i_h, H)
+    b_Ai = tl.load(chunk_inverse_pointers(Ainv, bos, o_t, i_h, H), mask=m_t[:, None], other=0.).to(DOT_DTYPE)
 
     # u = Ainv Xu, Xu = beta vv; vv = v rk (kaczmarz) or v. Values first: few registers live here.
     b_value_scale = b_beta * b_rk if KACZMARZ else b_beta
-    b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    b_v_dvv = tl.zeros([BT], dtype=tl.float32)
+    b_dAi = tl.zeros([BT, BT], dtype=tl.float32)       # before the column scaling by b_value_scale
+    b_v_dXu = tl.zeros([BT], dtype=tl.float32)         # <v_t, dXu_t>
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     p_h = tl.make_block_ptr(h + (i_c * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1), (0, 0), (BK, BV), (1, 0))
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (seq_len, V), (H * V, 1), (t0, i_v * BV), (BT, BV), (1, 0))
-        p_du = tl.make_block_ptr(du + (bos * H + i_h) * V, (seq_len, V), (H * V, 1), (t0, i_v * BV), (BT, BV), (1, 0))
-        p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (seq_len, V), (H * V, 1), (t0, i_v * BV), (BT, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
-        b_du = tl.load(p_du, boundary_check=(0, 1)).to(DOT_DTYPE)
+        b_v = tl.load(row_block(v, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1))
+        b_du = tl.load(row_block(du, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1))
+        b_du = b_du.to(DOT_DTYPE)
         b_dXu = tl.dot(tl.trans(b_Ai), b_du, input_precision=DOT_PREC)
-        b_dw -= tl.dot(b_du, tl.trans(tl.load(tl.advance(p_h, (0, i_v * BV)), boundary_check=(0, 1)).to(DOT_DTYPE)),
-                       input_precision=DOT_PREC)
-        b_dAi += tl.dot(b_du, tl.trans((b_v * b_value_scale[:, None]).to(DOT_DTYPE)), input_precision=DOT_PREC)
-        b_v_dXu = tl.sum(b_v * b_dXu, 1)
-        b_dbeta += b_v_dXu * (b_rk if KACZMARZ else 1.)
-        b_v_dvv += b_v_dXu * b_beta
-        tl.store(p_dv, (b_dXu * b_value_scale[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
+        b_h = tl.load(tl.advance(p_h, (0, i_v * BV)), boundary_check=(0, 1)).to(DOT_DTYPE)
+        b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=DOT_PREC)
+        b_dAi += tl.dot(b_du, tl.trans(b_v.to(DOT_DTYPE)), input_precision=DOT_PREC)
+        b_v_dXu += tl.sum(b_v.to(tl.float32) * b_dXu, 1)
+        tl.store(row_block(dv, bos, t0, seq_len, i_h, H, V, i_v * BV, BV),
+                 (b_dXu * b_value_scale[:, None]).to(dv.dtype.element_ty), boundary_check=(0, 1))
+    b_dAi *= b_value_scale[None, :]
+    b_dbeta = b_v_dXu * (b_rk if KACZMARZ else 1.)
 
-    # w = Ainv Xw, Xw = beta exp(gc) kk
-    b_kk = load_unit_keys(k, rk, bos, t0, seq_len, i_h, H, K, BK)
-    b_kk_dot = b_kk.to(DOT_DTYPE)
-    b_dw = b_dw.to(DOT_DTYPE)
+    # w = Ainv Xw, Xw = beta exp(gc) kk = diag(step rk) k
+    b_k = load_rows(k, bos, t0, seq_len, i_h, H, K, BK)
     b_step = b_beta * tl.exp(b_gc)
-    b_dXw = tl.dot(tl.trans(b_Ai), b_dw, input_precision=DOT_PREC)
-    b_dAi += tl.dot(b_dw, tl.trans((b_kk * b_step[:, None]).to(DOT_DTYPE)), input_precision=DOT_PREC)
-    p_dkk = tl.make_block_ptr(dkk + (bos * H + i_h) * K, (seq_len, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    b_dkk = tl.load(p_dkk, boundary_check=(0, 1)) + b_dXw * b_step[:, None]
-    b_kk_dXw = tl.sum(b_kk * b_dXw, 1) * tl.exp(b_gc)
+    b_dXw = tl.dot(tl.trans(b_Ai), b_dw.to(DOT_DTYPE), input_precision=DOT_PREC)
+    b_dAi += tl.dot(b_dw.to(DOT_DTYPE), tl.trans(b_k.to(DOT_DTYPE)), input_precision=DOT_PREC) * (b_step * b_rk)[None, :]
+    b_dkk = tl.load(row_block(dkk, bos, t0, seq_len, i_h, H, K, 0, BK), boundary_check=(0, 1))
+    b_dkk += b_dXw * b_step[:, None]
+    b_kk_dXw = tl.sum(b_k.to(tl.float32) * b_dXw, 1) * b_rk * tl.exp(b_gc)
     b_dbeta += b_kk_dXw
-    b_dgc = tl.load(dgc + p_scalar, mask=m_t, other=0.) + b_kk_dXw * b_beta
+    b_dgc = load_tokens(dgc, bos, o_t, seq_len, i_h, H) + b_kk_dXw * b_beta
 
     # Ainv = (I + L)^-1  =>  dL = -Ainv^T dAi Ainv^T, kept on the strictly lower part
     m_lower = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
     b_dL = -tl.dot(tl.dot(tl.trans(b_Ai), b_dAi.to(DOT_DTYPE), input_precision=DOT_PREC).to(DOT_DTYPE),
                    tl.trans(b_Ai), input_precision=DOT_PREC)
     b_decay = tl.exp(tl.where(m_lower, b_gc[:, None] - b_gc[None, :], float("-inf")))
-    b_gram = tl.dot(b_kk_dot, tl.trans(b_kk_dot), input_precision=DOT_PREC) * b_decay
+    b_gram = key_gram(b_k, b_rk, DOT_DTYPE, DOT_PREC) * b_decay
     b_dL = tl.where(m_lower, b_dL, 0.)
     b_dL_L = b_dL * b_gram * b_beta[:, None]
     b_dbeta += tl.sum(b_dL * b_gram, 1)
     b_dgc += tl.sum(b_dL_L, 1) - tl.sum(b_dL_L, 0)
-    b_Q = (b_dL * b_decay * b_beta[:, None]).to(DOT_DTYPE)
-    b_dkk += tl.dot(b_Q, b_kk_dot, input_precision=DOT_PREC) + tl.dot(tl.trans(b_Q), b_kk_dot, input_precision=DOT_PREC)
+    # dkk += (Q + Q^T) kk with Q = dL decay beta; kk = diag(rk) k
+    b_Q = b_dL * b_decay * b_beta[:, None]
+    b_dkk += tl.dot(((b_Q + tl.trans(b_Q)) * b_rk[None, :]).to(DOT_DTYPE), b_k.to(DOT_DTYPE), input_precision=DOT_PREC)
 
     # kk = k rk, vv = v rk with rk = (|k|^2 + eps)^-1/2, drk/dk = -rk^3 k; written with kk = k rk:
     # dk = rk dkk - rk^2 kk (<kk, dkk> / rk + <v, dvv>)
-    b_drk = tl.sum(b_kk * b_dkk, 1) * b_rk + ((b_v_dvv * b_rk * b_rk) if KACZMARZ else 0.)
+    b_kk = b_k.to(tl.float32) * b_rk[:, None]
+    b_drk = tl.sum(b_kk * b_dkk, 1) * b_rk + ((b_v_dXu * b_beta * b_rk * b_rk) if KACZMARZ else 0.)
     b_dk = b_dkk * b_rk[:, None] - b_kk * b_drk[:, None]
-    p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (seq_len, K), (H * K, 1), (t0, 0), (BT, BK), (1, 0))
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(deta + p_scalar, b_dbeta, mask=m_t)
+    tl.store(row_block(dk, bos, t0, seq_len, i_h, H, K, 0, BK), b_dk.to(dk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(deta + p_token, b_dbeta, mask=m_t)
     # gc is the chunk-local cumulative sum of g: dg_t = sum over i >= t of dgc_i
     b_dg = tl.sum(b_dgc, 0) - tl.cumsum(b_dgc, 0) + b_dgc
-    tl.store(dg + p_scalar, b_dg, mask=m_t)
+    tl.store(dg + p_token, b_dg, mask=m_t)

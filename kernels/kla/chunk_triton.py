@@ -1,7 +1,7 @@
 """chunk_kla on the Triton kernels: the autograd Function and the launch of each stage.
 
-Forward:  prepare (gc, rk, Ainv, w, u) -> fwd_h (h per chunk, vn) -> fwd_o.
-Backward: prepare and fwd_h again (recomputed rather than kept, as fla does: saves memory)
+Forward:  fwd_solve (gc, rk, rq, Ainv; kept) -> fwd_wu (w, u) -> fwd_h (h per chunk, vn) -> fwd_o.
+Backward: fwd_wu and fwd_h again (recomputed rather than kept, as fla does: saves memory)
           -> bwd_dv_local -> bwd_dh (dh per chunk, dvn, dh0) -> bwd_dqkg (dq, partial dkk/dgc)
           -> bwd_prepare (dw, then dk, dv, deta, dg).
 """
@@ -13,7 +13,7 @@ from . import triton_compat  # noqa: F401  (interpreter fix, see there)
 
 from .chunk_h import chunk_kla_bwd_dh_kernel, chunk_kla_fwd_h_kernel
 from .chunk_o import chunk_kla_bwd_dqkg_kernel, chunk_kla_bwd_dv_local_kernel, chunk_kla_fwd_o_kernel
-from .chunk_prepare import chunk_kla_bwd_prepare_kernel, chunk_kla_fwd_prepare_kernel
+from .chunk_prepare import chunk_kla_bwd_prepare_kernel, chunk_kla_fwd_solve_kernel, chunk_kla_fwd_wu_kernel
 from .sequences import CHUNK, chunk_layout
 
 
@@ -27,121 +27,178 @@ def numerics(x):
     return dict(DOT_DTYPE=triton.language.float32, DOT_PREC="ieee"), x.dtype
 
 
-# Warps and software-pipelining depth of each kernel (the benchmark's --sweep tries alternatives).
-# 4 warps where the kernel then fits two programs per multiprocessor without spilling (ptxas -v).
+# Launch options of each kernel: warps, software-pipelining depth and, where the kernel has one, the value
+# block BV (a grid dimension or an inner loop). bench/kernel_stages.py times every stage alone over these.
 LAUNCH = {
-    "fwd_prepare": dict(num_warps=4, num_stages=2),
-    "fwd_h": dict(num_warps=8, num_stages=2),
-    "fwd_o": dict(num_warps=4, num_stages=2),
-    "bwd_dv_local": dict(num_warps=8, num_stages=2),
-    "bwd_dh": dict(num_warps=8, num_stages=2),
-    "bwd_dqkg": dict(num_warps=8, num_stages=2),
-    "bwd_prepare": dict(num_warps=8, num_stages=2),
+    "fwd_solve": dict(num_warps=4, num_stages=1),
+    "fwd_wu": dict(num_warps=2, num_stages=3, BV=64),
+    "fwd_h": dict(num_warps=4, num_stages=2, BV=64),
+    "fwd_o": dict(num_warps=4, num_stages=3, BV=64),
+    "bwd_dv_local": dict(num_warps=4, num_stages=2, BV=64),
+    "bwd_dh": dict(num_warps=4, num_stages=3, BV=64),
+    "bwd_dqkg": dict(num_warps=8, num_stages=3, BV=64),
+    "bwd_prepare": dict(num_warps=4, num_stages=3, BV=64),
 }
 
 
-def block_sizes(K, V):
-    BK = max(16, triton.next_power_of_2(K))
-    return BK, max(16, min(64, triton.next_power_of_2(V)))
+def launch_options(stage, K, V, element_size):
+    """(BV, options) of a stage: BV no wider than V needs (at least 16, for the tensor cores). LAUNCH is
+    tuned for bf16 with K <= 128; wider key rows (K > 128, or fp32 operands) get shallower pipelining,
+    as deeper buffers of such [BT, BK] tiles overflow shared memory (tests/kernels/compile_for_hopper.py)."""
+    options = dict(LAUNCH[stage])
+    BV = options.pop("BV", None)
+    row_bytes = key_block(K) * element_size
+    options["num_stages"] = min(options["num_stages"], 3 if row_bytes <= 256 else 2 if row_bytes <= 512 else 1)
+    return (None if BV is None else max(16, min(BV, triton.next_power_of_2(V)))), options
 
 
-def state_block_v(K, V, programs_per_block, device):
+def key_block(K):
+    return max(16, triton.next_power_of_2(K))
+
+
+def state_block_v(stage, K, V, element_size, programs_per_block, device):
     """Value block of the sequential kernels. Each program walks its document's chunks one after the
-    other, so the time is the latency of that walk; narrower blocks give short batches more programs.
-    (Measured on an H200 at the paper shape: BV 64 with 8 warps beat BV 32 with 4 warps.)"""
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(triton.next_power_of_2(V), 8192 // BK))
+    other, so the time is the latency of that walk; short batches get narrower blocks, hence more programs."""
+    BV, options = launch_options(stage, K, V, element_size)
+    BV = min(BV, 8192 // key_block(K))  # the [BK, BV] fp32 state block stays in registers
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     while BV > 16 and programs_per_block * triton.cdiv(V, BV) < 2 * sms:
         BV //= 2
-    return BV
+    return BV, options
 
 
-def fwd_prepare(k, v, g, eta, eps, layout, kaczmarz, flags, store_dtype, store_ainv):
-    _, T, H, K = k.shape
-    V = v.shape[-1]
-    BK, BV = block_sizes(K, V)
-    gc = torch.empty_like(g)
-    rk = torch.empty_like(g)
-    Ainv = torch.empty(*g.shape, CHUNK, dtype=torch.float32, device=k.device) if store_ainv else None
-    w = torch.empty(*k.shape, dtype=store_dtype, device=k.device)
-    u = torch.empty(*v.shape, dtype=store_dtype, device=k.device)
-    chunk_kla_fwd_prepare_kernel[(layout.num_chunks, H)](
-        k, v, g, eta, gc, rk, Ainv, w, u, layout.cu_seqlens, layout.chunk_indices, eps,
-        H=H, K=K, V=V, BK=BK, BV=BV, KACZMARZ=kaczmarz, STORE_AINV=store_ainv, **flags,
-        **LAUNCH["fwd_prepare"])
-    return gc, rk, Ainv, w, u
+class Stages:
+    """The launches of one chunk_kla call; every stage is also callable alone (bench/kernel_stages.py)."""
 
+    def __init__(self, q, k, v, g, eta, scale, eps, layout, normalize_q, kaczmarz):
+        self.q, self.k, self.v, self.g, self.eta = q, k, v, g, eta
+        self.scale, self.eps, self.normalize_q, self.kaczmarz = scale, eps, normalize_q, kaczmarz
+        self.H, self.K = k.shape[2:]
+        self.V = v.shape[-1]
+        self.BK = key_block(self.K)
+        self.flags, self.store_dtype = numerics(q)
+        self.element_size = 2 if self.flags["DOT_DTYPE"] == triton.language.bfloat16 else 4
+        self.layout = layout
+        self.sequences = self.layout.cu_seqlens, self.layout.chunk_indices
 
-def fwd_h(k, rk, gc, w, u, initial_state, output_final_state, layout, flags, store_dtype):
-    _, T, H, K = k.shape
-    V = u.shape[-1]
-    N = layout.num_seqs
-    BK, _ = block_sizes(K, V)
-    BV = state_block_v(K, V, N * H, k.device)
-    h = torch.empty(layout.num_chunks, H, K, V, dtype=store_dtype, device=k.device)
-    vn = torch.empty_like(u)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=k.device) if output_final_state else None
-    chunk_kla_fwd_h_kernel[(triton.cdiv(V, BV), N * H)](
-        k, rk, gc, w, u, h, vn, initial_state, ht, layout.cu_seqlens, layout.chunk_offsets,
-        H=H, K=K, V=V, BK=BK, BV=BV, USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state, **flags, **LAUNCH["fwd_h"])
-    return h, vn, ht
+    def per_chunk(self, stage):
+        """Grid (chunk, head[, value block]) and launch options of a per-chunk stage."""
+        BV, options = launch_options(stage, self.K, self.V, self.element_size)
+        grid = (self.layout.num_chunks, self.H) + ((triton.cdiv(self.V, BV),) if stage in ("fwd_o", "bwd_dv_local")
+                                                   else ())
+        return grid, dict(H=self.H, K=self.K, BK=self.BK, **({} if BV is None else dict(V=self.V, BV=BV)),
+                          **self.flags, **options)
+
+    def sequential(self, stage):
+        N = self.layout.num_seqs
+        BV, options = state_block_v(stage, self.K, self.V, self.element_size, N * self.H, self.q.device)
+        return (triton.cdiv(self.V, BV), N * self.H), dict(H=self.H, K=self.K, V=self.V, BK=self.BK, BV=BV,
+                                                           **self.flags, **options)
+
+    def fwd_solve(self):
+        """(gc, rk, rq): the chunk-local cumulative log decay and the key and query inverse norms; Ainv."""
+        gc, rk, rq = (torch.empty_like(self.g) for _ in range(3))
+        Ainv = torch.empty(*self.g.shape, CHUNK, dtype=self.store_dtype, device=self.k.device)
+        grid, options = self.per_chunk("fwd_solve")
+        chunk_kla_fwd_solve_kernel[grid](self.q, self.k, self.g, self.eta, gc, rk, rq, Ainv, *self.sequences,
+                                         self.eps, NORMALIZE_Q=self.normalize_q, **options)
+        return (gc, rk, rq), Ainv
+
+    def fwd_wu(self, per_token, Ainv):
+        gc, rk, _ = per_token
+        w = torch.empty(self.k.shape, dtype=self.store_dtype, device=self.k.device)
+        u = torch.empty(self.v.shape, dtype=self.store_dtype, device=self.k.device)
+        grid, options = self.per_chunk("fwd_wu")
+        chunk_kla_fwd_wu_kernel[grid](self.k, self.v, self.eta, gc, rk, Ainv, w, u, *self.sequences,
+                                      KACZMARZ=self.kaczmarz, **options)
+        return w, u
+
+    def fwd_h(self, per_token, w, u, initial_state, output_final_state):
+        gc, rk, _ = per_token
+        N, H, K, V = self.layout.num_seqs, self.H, self.K, self.V
+        h = torch.empty(self.layout.num_chunks, H, K, V, dtype=self.store_dtype, device=u.device)
+        vn = torch.empty_like(u)
+        ht = torch.empty(N, H, K, V, dtype=torch.float32, device=u.device) if output_final_state else None
+        grid, options = self.sequential("fwd_h")
+        chunk_kla_fwd_h_kernel[grid](self.k, rk, gc, w, u, h, vn, initial_state, ht, self.layout.cu_seqlens,
+                                     self.layout.chunk_offsets, USE_INITIAL_STATE=initial_state is not None,
+                                     STORE_FINAL_STATE=output_final_state, **options)
+        return h, vn, ht
+
+    def fwd_o(self, per_token, h, vn):
+        gc, rk, rq = per_token
+        o = torch.empty_like(self.v)
+        grid, options = self.per_chunk("fwd_o")
+        chunk_kla_fwd_o_kernel[grid](self.q, self.k, rk, rq, gc, h, vn, o, *self.sequences, self.scale, **options)
+        return o
+
+    def bwd_dv_local(self, per_token, do):
+        gc, rk, rq = per_token
+        dv_local = torch.empty(self.v.shape, dtype=self.store_dtype, device=do.device)
+        grid, options = self.per_chunk("bwd_dv_local")
+        chunk_kla_bwd_dv_local_kernel[grid](self.q, self.k, rk, rq, gc, do, dv_local, *self.sequences, self.scale,
+                                            **options)
+        return dv_local
+
+    def bwd_dh(self, per_token, w, do, dv_local, dht, initial_state):
+        gc, rk, rq = per_token
+        dh = torch.empty(self.layout.num_chunks, self.H, self.K, self.V, dtype=self.store_dtype, device=do.device)
+        dvn = torch.empty_like(dv_local)
+        dh0 = torch.empty_like(initial_state) if initial_state is not None else None
+        grid, options = self.sequential("bwd_dh")
+        chunk_kla_bwd_dh_kernel[grid](self.q, self.k, rk, rq, gc, w, do, dv_local, dh, dvn, dht, dh0,
+                                      self.layout.cu_seqlens, self.layout.chunk_offsets, self.scale,
+                                      USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=dh0 is not None,
+                                      **options)
+        return dh, dvn, dh0
+
+    def bwd_dqkg(self, per_token, h, vn, do, dh):
+        gc, rk, rq = per_token
+        dq = torch.empty_like(self.q)
+        dkk = torch.empty(self.k.shape, dtype=torch.float32, device=self.k.device)
+        dgc = torch.empty_like(self.g)
+        grid, options = self.per_chunk("bwd_dqkg")
+        chunk_kla_bwd_dqkg_kernel[grid](self.q, self.k, rk, rq, gc, h, vn, do, dh, dq, dkk, dgc, *self.sequences,
+                                        self.scale, NORMALIZE_Q=self.normalize_q, **options)
+        return dq, dkk, dgc
+
+    def bwd_prepare(self, per_token, Ainv, h, dvn, dkk, dgc):
+        gc, rk, _ = per_token
+        dk, dv = torch.empty_like(self.k), torch.empty_like(self.v)
+        deta, dg = torch.empty_like(self.eta), torch.empty_like(self.g)
+        grid, options = self.per_chunk("bwd_prepare")
+        chunk_kla_bwd_prepare_kernel[grid](self.k, self.v, self.eta, gc, rk, Ainv, h, dvn, dkk, dgc, dk, dv, deta,
+                                           dg, *self.sequences, KACZMARZ=self.kaczmarz, **options)
+        return dk, dv, deta, dg
 
 
 class ChunkKLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, eta, initial_state, scale, eps, output_final_state, cu_seqlens, normalize_q,
                 kaczmarz):
-        B, T, H, K = k.shape
-        V = v.shape[-1]
-        flags, store_dtype = numerics(q)
-        layout = chunk_layout(B, T, cu_seqlens, q.device)
-        gc, rk, _, w, u = fwd_prepare(k, v, g, eta, eps, layout, kaczmarz, flags, store_dtype, store_ainv=False)
-        h, vn, ht = fwd_h(k, rk, gc, w, u, initial_state, output_final_state, layout, flags, store_dtype)
-        o = torch.empty_like(v)
-        BK, BV = block_sizes(K, V)
-        chunk_kla_fwd_o_kernel[(layout.num_chunks, H)](
-            q, k, rk, gc, h, vn, o, layout.cu_seqlens, layout.chunk_indices, scale, eps,
-            H=H, K=K, V=V, BK=BK, BV=BV, NORMALIZE_Q=normalize_q, **flags, **LAUNCH["fwd_o"])
-        ctx.save_for_backward(q, k, v, g, eta, initial_state)
+        layout = chunk_layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
+        stages = Stages(q, k, v, g, eta, scale, eps, layout, normalize_q, kaczmarz)
+        per_token, Ainv = stages.fwd_solve()
+        w, u = stages.fwd_wu(per_token, Ainv)
+        h, vn, ht = stages.fwd_h(per_token, w, u, initial_state, output_final_state)
+        o = stages.fwd_o(per_token, h, vn)
+        ctx.save_for_backward(q, k, v, g, eta, initial_state, *per_token, Ainv)
         ctx.options = (scale, eps, layout, normalize_q, kaczmarz)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, eta, initial_state = ctx.saved_tensors
-        scale, eps, layout, normalize_q, kaczmarz = ctx.options
-        H, K, V, N = k.shape[2], k.shape[3], v.shape[-1], layout.num_seqs
-        BK, BV = block_sizes(K, V)
-        flags, store_dtype = numerics(q)
+        q, k, v, g, eta, initial_state, gc, rk, rq, Ainv = ctx.saved_tensors
+        stages = Stages(q, k, v, g, eta, *ctx.options)
+        per_token = gc, rk, rq
         do = do.contiguous()
-        gc, rk, Ainv, w, u = fwd_prepare(k, v, g, eta, eps, layout, kaczmarz, flags, store_dtype, store_ainv=True)
-        h, vn, _ = fwd_h(k, rk, gc, w, u, initial_state, False, layout, flags, store_dtype)
-        per_chunk = (layout.num_chunks, H)
-        sequences = layout.cu_seqlens, layout.chunk_indices
-        dv_local = torch.empty_like(vn)
-        chunk_kla_bwd_dv_local_kernel[per_chunk](q, k, rk, gc, do, dv_local, *sequences, scale, eps,
-                                                 H=H, K=K, V=V, BK=BK, BV=BV, NORMALIZE_Q=normalize_q, **flags,
-                                                 **LAUNCH["bwd_dv_local"])
-        dh = torch.empty_like(h)
-        dvn = torch.empty_like(vn)
-        dh0 = torch.empty_like(initial_state) if initial_state is not None else None
-        BV_state = state_block_v(K, V, N * H, q.device)
-        chunk_kla_bwd_dh_kernel[(triton.cdiv(V, BV_state), N * H)](
-            q, k, rk, gc, w, do, dv_local, dh, dvn, dht, dh0, layout.cu_seqlens, layout.chunk_offsets, scale, eps,
-            H=H, K=K, V=V, BK=BK, BV=BV_state, NORMALIZE_Q=normalize_q, USE_FINAL_STATE_GRAD=dht is not None,
-            STORE_INITIAL_STATE_GRAD=dh0 is not None, **flags, **LAUNCH["bwd_dh"])
-        dq = torch.empty_like(q)
-        dkk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-        dgc = torch.empty_like(g)
-        chunk_kla_bwd_dqkg_kernel[per_chunk](q, k, rk, gc, h, vn, do, dh, dq, dkk, dgc, *sequences,
-                                             scale, eps, H=H, K=K, V=V, BK=BK, BV=BV, NORMALIZE_Q=normalize_q,
-                                             **flags, **LAUNCH["bwd_dqkg"])
-        dk, dv, deta, dg = torch.empty_like(k), torch.empty_like(v), torch.empty_like(eta), torch.empty_like(g)
-        chunk_kla_bwd_prepare_kernel[per_chunk](k, v, eta, gc, rk, Ainv, h, dvn, dkk, dgc, dk, dv, deta, dg,
-                                                *sequences, H=H, K=K, V=V, BK=BK, BV=BV, KACZMARZ=kaczmarz,
-                                                **flags, **LAUNCH["bwd_prepare"])
+        # w, u and the states are recomputed rather than kept (as fla does): saves memory
+        w, u = stages.fwd_wu(per_token, Ainv)
+        h, vn, _ = stages.fwd_h(per_token, w, u, initial_state, False)
+        dv_local = stages.bwd_dv_local(per_token, do)
+        dh, dvn, dh0 = stages.bwd_dh(per_token, w, do, dv_local, dht, initial_state)
+        dq, dkk, dgc = stages.bwd_dqkg(per_token, h, vn, do, dh)
+        dk, dv, deta, dg = stages.bwd_prepare(per_token, Ainv, h, dvn, dkk, dgc)
         return dq, dk, dv, dg, deta, dh0, None, None, None, None, None, None
 
 

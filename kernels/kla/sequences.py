@@ -21,18 +21,20 @@ class ChunkLayout:
 
 
 def chunk_layout(B, T, cu_seqlens, device):
-    if cu_seqlens is None:
+    if cu_seqlens is None:  # built on the device: no host copy, no wait for the GPU
         nt = triton.cdiv(T, CHUNK)
-        counts = torch.full((B,), nt, dtype=torch.int64)
         cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
-    else:
-        lengths = torch.diff(cu_seqlens.cpu().long())  # host sync: the grid size depends on it
-        counts = (lengths + CHUNK - 1) // CHUNK
-        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        seq = torch.arange(B, device=device, dtype=torch.int32).repeat_interleave(nt)
+        within = torch.arange(nt, device=device, dtype=torch.int32).repeat(B)
+        offsets = torch.arange(B, device=device, dtype=torch.int32) * nt
+        return ChunkLayout(cu, torch.stack([seq, within], 1), offsets, B * nt, B)
+    lengths = torch.diff(cu_seqlens.cpu().long())  # host sync: the grid size depends on it
+    counts = (lengths + CHUNK - 1) // CHUNK
     offsets = torch.cumsum(counts, 0) - counts
     seq = torch.repeat_interleave(torch.arange(len(counts)), counts)
     within = torch.arange(int(counts.sum())) - offsets[seq]
     chunk_indices = torch.stack([seq, within], 1).to(device=device, dtype=torch.int32).contiguous()
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
     return ChunkLayout(cu, chunk_indices, offsets.to(device=device, dtype=torch.int32), int(counts.sum()), len(counts))
 
 
@@ -45,3 +47,22 @@ def chunk_position(cu_seqlens, chunk_indices, i_c):
     bos = tl.load(cu_seqlens + i_n)
     seq_len = tl.load(cu_seqlens + i_n + 1) - bos
     return i_n, i_t, bos.to(tl.int64), seq_len
+
+
+@triton.jit
+def row_block(x, bos, t0, seq_len, i_h, H, D: tl.constexpr, col, BD: tl.constexpr):
+    """Block pointer to the [BT, BD] tile (rows t0.., columns col..) of head i_h of a [T, H, D] tensor
+    whose document starts at token bos; rows beyond the document and columns beyond D read as zero."""
+    return tl.make_block_ptr(x + (bos * H + i_h) * D, (seq_len, D), (H * D, 1), (t0, col), (BT, BD), (1, 0))
+
+
+@triton.jit
+def load_rows(x, bos, t0, seq_len, i_h, H, D: tl.constexpr, BD: tl.constexpr):
+    """The chunk's [BT, BD] tile of head i_h, columns 0.., as stored."""
+    return tl.load(row_block(x, bos, t0, seq_len, i_h, H, D, 0, BD), boundary_check=(0, 1))
+
+
+@triton.jit
+def load_tokens(x, bos, o_t, seq_len, i_h, H):
+    """Per-token values [BT] of head i_h of a [T, H] tensor (zero beyond the document)."""
+    return tl.load(x + (bos + o_t) * H + i_h, mask=o_t < seq_len, other=0.)

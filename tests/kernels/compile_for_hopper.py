@@ -59,22 +59,27 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
 def main():
     JITFunction.run = compile_instead_of_launch
     from kernels.kla import chunk_triton, fused_recurrent_triton
-    from kernels.kla.sequences import chunk_layout
 
-    # CPU tensors pick the interpreter's fp32 products; compile what a CUDA launch compiles
-    chunk_triton.numerics = lambda x: (dict(DOT_DTYPE=tl.bfloat16, DOT_PREC="tf32"), torch.bfloat16)
     torch.cuda.get_device_properties = lambda device: type("Properties", (), {"multi_processor_count": 132})
-    B, T, H, K, V = 2, 130, 12, 96, 192
-    q, k = torch.randn(2, B, T, H, K, dtype=torch.bfloat16)
-    v = torch.randn(B, T, H, V, dtype=torch.bfloat16)
-    g, eta, h0 = -torch.rand(B, T, H), torch.rand(B, T, H), torch.randn(B, H, K, V)
-    ctx = type("Context", (), {"save_for_backward": lambda self, *tensors: None})()
-    chunk_triton.ChunkKLAFunction.forward(ctx, q, k, v, g, eta, h0, 0.1, 1e-6, True, None, True, True)
-    ctx.saved_tensors = (q, k, v, g, eta, h0)
-    ctx.options = (0.1, 1e-6, chunk_layout(B, T, None, q.device), True, True)
-    chunk_triton.ChunkKLAFunction.backward(ctx, torch.randn_like(v), torch.randn_like(h0))
-    fused_recurrent_triton.fused_recurrent_kla_triton(q, k, v, g, eta, 0.1, 1e-6, h0, True, None, True,
-                                                      "kaczmarz", None)
+    # B, H big enough that the state walks get their widest value block, as at training shapes;
+    # every head-dim class in bf16: the paper's, 128 and the largest supported. (fp32 products compile to
+    # heavily spilling code that takes ptxas minutes per kernel on 2 cores; run by hand on 2026-11-26, every
+    # fp32 variant fit, 165 KB of shared memory at most, and the fp32 GPU tests cover them.)
+    for dtype, (B, T, H, K, V) in ((torch.bfloat16, (8, 130, 12, 96, 192)), (torch.bfloat16, (4, 130, 16, 128, 128)),
+                                   (torch.bfloat16, (8, 130, 16, 256, 256))):
+        print(f"{dtype} B {B} T {T} H {H} K {K} V {V}")
+        # CPU tensors pick the interpreter's fp32 products; compile what a CUDA launch compiles
+        dot = tl.bfloat16 if dtype == torch.bfloat16 else tl.float32
+        chunk_triton.numerics = lambda x: (dict(DOT_DTYPE=dot, DOT_PREC="tf32" if dot == tl.bfloat16 else "ieee"),
+                                           dtype)
+        q, k = torch.randn(2, B, T, H, K, dtype=dtype)
+        v = torch.randn(B, T, H, V, dtype=dtype)
+        g, eta, h0 = -torch.rand(B, T, H), torch.rand(B, T, H), torch.randn(B, H, K, V)
+        ctx = type("Context", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t)})()
+        chunk_triton.ChunkKLAFunction.forward(ctx, q, k, v, g, eta, h0, 0.1, 1e-6, True, None, True, True)
+        chunk_triton.ChunkKLAFunction.backward(ctx, torch.randn_like(v), torch.randn_like(h0))
+        fused_recurrent_triton.fused_recurrent_kla_triton(q, k, v, g, eta, 0.1, 1e-6, h0, True, None, True,
+                                                          "kaczmarz", None)
     print("all kernels compiled for sm_90")
 
 

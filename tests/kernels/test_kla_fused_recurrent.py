@@ -24,7 +24,7 @@ def test_decode_matches_reference(backend, beta_mode, key_scale):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_pool_is_updated_in_place(backend):
     """Sequence n reads and writes slot state_indices[n]; index -1 (padding) starts from zero, writes nothing."""
-    slots, N = 5, 3
+    slots = 5
     q, k, v, g, eta, pool = make_inputs(1, 6, 2, 16, 32, states=slots, seed=2)
     cu_seqlens = torch.tensor([0, 1, 3, 6])               # a few tokens per sequence, packed
     state_indices = torch.tensor([3, -1, 0])

@@ -1,7 +1,6 @@
 """chunk_kla_summary: h_out = transition @ h_in + zero_start_state, and its gradients."""
 
 import pytest
-import torch
 
 from kernels import chunk_kla_summary, naive_recurrent_kla
 from kla_testing import grads, make_inputs, rel_err
