@@ -32,8 +32,7 @@ def chunk_kla_fwd_o_kernel(q, k, rk, rq, gc, h, vn, o, cu_seqlens, chunk_indices
                            DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """One program per (chunk, head, value block); S is recomputed per value block."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_t, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_c)
-    t0 = i_t * BT
+    bos, seq_len, t0, _ = chunk_position(cu_seqlens, chunk_indices, i_c)
     b_q, _, b_gc, b_qscale, _, b_S, b_decay = chunk_scores(q, k, rk, rq, gc, bos, t0, seq_len, i_h, scale, H, K, BK,
                                                            DOT_DTYPE, DOT_PREC)
     p_h = tl.make_block_ptr(h + (i_c * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
@@ -50,8 +49,7 @@ def chunk_kla_bwd_dv_local_kernel(q, k, rk, rq, gc, do, dv_local, cu_seqlens, ch
                                   BV: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """dvn from the outputs of its own chunk: P^T do; one program per (chunk, head, value block)."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_t, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_c)
-    t0 = i_t * BT
+    bos, seq_len, t0, _ = chunk_position(cu_seqlens, chunk_indices, i_c)
     _, _, _, _, _, b_S, b_decay = chunk_scores(q, k, rk, rq, gc, bos, t0, seq_len, i_h, scale, H, K, BK,
                                                DOT_DTYPE, DOT_PREC)
     b_do = tl.load(row_block(do, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1)).to(DOT_DTYPE)
@@ -68,9 +66,7 @@ def chunk_kla_bwd_dqkg_kernel(q, k, rk, rq, gc, h, vn, do, dh, dq, dkk, dgc, cu_
     """dq (final), and the parts of dkk, dgc that do not pass through the WY stage.
     h is the state before the chunk, dh the gradient of the state after it."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n, i_t, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_c)
-    t0 = i_t * BT
-    o_t = t0 + tl.arange(0, BT)
+    bos, seq_len, t0, o_t = chunk_position(cu_seqlens, chunk_indices, i_c)
     m_t = o_t < seq_len
     b_do_h = tl.zeros([BT, BK], dtype=tl.float32)      # do h^T
     b_do_vn = tl.zeros([BT, BT], dtype=tl.float32)     # do vn^T

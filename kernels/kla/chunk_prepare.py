@@ -77,9 +77,7 @@ def chunk_kla_fwd_solve_kernel(q, k, g, eta, gc, rk, rq, Ainv, cu_seqlens, chunk
     """gc, rk, rq (1 without query normalisation) and Ainv of one chunk, all kept for the backward
     (as fla keeps its A)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n, i_t, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_c)
-    t0 = i_t * BT
-    o_t = t0 + tl.arange(0, BT)
+    bos, seq_len, t0, o_t = chunk_position(cu_seqlens, chunk_indices, i_c)
     m_t = o_t < seq_len
     p_token = (bos + o_t) * H + i_h
     b_gc = tl.cumsum(load_tokens(g, bos, o_t, seq_len, i_h, H), 0)
@@ -108,9 +106,7 @@ def chunk_kla_fwd_wu_kernel(k, v, eta, gc, rk, Ainv, w, u, cu_seqlens, chunk_ind
                             DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
     """w = Ainv diag(beta exp(gc) rk) k and u = Ainv diag(beta [rk]) v of one chunk."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n, i_t, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_c)
-    t0 = i_t * BT
-    o_t = t0 + tl.arange(0, BT)
+    bos, seq_len, t0, o_t = chunk_position(cu_seqlens, chunk_indices, i_c)
     b_beta = load_tokens(eta, bos, o_t, seq_len, i_h, H)
     b_rk = load_tokens(rk, bos, o_t, seq_len, i_h, H)
     b_Ai = tl.load(chunk_inverse_pointers(Ainv, bos, o_t, i_h, H), mask=(o_t < seq_len)[:, None], other=0.)
@@ -135,9 +131,7 @@ def chunk_kla_bwd_prepare_kernel(k, v, eta, gc, rk, Ainv, h, du, dkk, dgc, dk, d
     """From du (= dvn), the state h before the chunk and the partial dkk, dgc of chunk_kla_bwd_dqkg:
     dk, dv, deta, dg. dw = -du h^T (vn = u - w h) is formed here, where few registers are in use."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n, i_t, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_c)
-    t0 = i_t * BT
-    o_t = t0 + tl.arange(0, BT)
+    bos, seq_len, t0, o_t = chunk_position(cu_seqlens, chunk_indices, i_c)
     m_t = o_t < seq_len
     p_token = (bos + o_t) * H + i_h
     b_gc = load_tokens(gc, bos, o_t, seq_len, i_h, H)

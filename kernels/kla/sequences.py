@@ -40,13 +40,16 @@ def chunk_layout(B, T, cu_seqlens, device):
 
 @triton.jit
 def chunk_position(cu_seqlens, chunk_indices, i_c):
-    """(document, chunk within it, first token, document length) of global chunk i_c. The first token
-    is int64 for pointer arithmetic; positions inside a document stay int32, as block pointers need."""
+    """Where global chunk i_c lies: the first token of its document (int64, for pointer arithmetic), the
+    document's length, the chunk's first token t0 within it and the positions o_t of its rows (int32, as
+    block pointers need)."""
     i_n = tl.load(chunk_indices + i_c * 2)
     i_t = tl.load(chunk_indices + i_c * 2 + 1)
     bos = tl.load(cu_seqlens + i_n)
     seq_len = tl.load(cu_seqlens + i_n + 1) - bos
-    return i_n, i_t, bos.to(tl.int64), seq_len
+    bos = bos.to(tl.int64)
+    t0 = i_t * BT
+    return bos, seq_len, t0, t0 + tl.arange(0, BT)
 
 
 @triton.jit
