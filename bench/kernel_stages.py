@@ -2,11 +2,13 @@
 
 For one shape (bf16 inputs), each stage of kernels/kla/chunk_triton.py (fwd_solve, fwd_wu, fwd_h, fwd_o,
 bwd_dv_local, bwd_dh, bwd_dqkg, bwd_prepare) is timed with triton.testing.do_bench for each combination
-of warps, pipelining stages and value block; the table shows the time of the current LAUNCH entry, the
-best option and its time. With --fla, fla's chunk_gated_delta_rule fwd+bwd is profiled kernel by
-kernel at the same shape (fla is needed only then). Writes JSON.
+of warps, pipelining stages, register cap and value block (the grid is set from the command line); the
+table shows the time of the current LAUNCH entry, the best option and its time. With --fla, fla's
+chunk_gated_delta_rule fwd+bwd is profiled kernel by kernel at the same shape (fla is needed only then).
+Writes JSON.
 
     python bench/kernel_stages.py --shape 8,4096,12,96,192 --out bench/results/kernel_stages.json [--fla]
+        [--stages fwd_o,bwd_prepare --warps 4,8 --pipeline 2,3 --maxnreg 0,128 --value-blocks 64 | --current]
 """
 
 import argparse
@@ -24,9 +26,6 @@ from bench.kernels import make_inputs  # noqa: E402
 from kernels.kla import chunk_triton  # noqa: E402
 from kernels.kla.sequences import chunk_layout  # noqa: E402
 
-WARPS = (2, 4, 8)
-PIPELINE = (1, 2, 3)
-VALUE_BLOCKS = (32, 64)
 
 
 def stage_calls(B, T, H, K, V):
@@ -40,7 +39,7 @@ def stage_calls(B, T, H, K, V):
     h, vn, _ = s.fwd_h(per_token, w, u, None, False)
     dv_local = s.bwd_dv_local(per_token, do)
     dh, dvn, _ = s.bwd_dh(per_token, w, do, dv_local, None, None)
-    dq, dkk, dgc = s.bwd_dqkg(per_token, h, vn, do, dh)
+    dq, dkk, dgc, dw = s.bwd_dqkg(per_token, h, vn, do, dh, dvn)
     return {
         "fwd_solve": lambda: s.fwd_solve(),
         "fwd_wu": lambda: s.fwd_wu(per_token, Ainv),
@@ -48,24 +47,28 @@ def stage_calls(B, T, H, K, V):
         "fwd_o": lambda: s.fwd_o(per_token, h, vn),
         "bwd_dv_local": lambda: s.bwd_dv_local(per_token, do),
         "bwd_dh": lambda: s.bwd_dh(per_token, w, do, dv_local, None, None),
-        "bwd_dqkg": lambda: s.bwd_dqkg(per_token, h, vn, do, dh),
-        "bwd_prepare": lambda: s.bwd_prepare(per_token, Ainv, h, dvn, dkk, dgc),
+        "bwd_dqkg": lambda: s.bwd_dqkg(per_token, h, vn, do, dh, dvn),
+        "bwd_prepare": lambda: s.bwd_prepare(per_token, Ainv, dvn, dw, dkk, dgc),
     }
 
 
-def options_of(stage):
-    current = chunk_triton.LAUNCH[stage]
-    blocks = VALUE_BLOCKS if "BV" in current else (None,)
-    for num_warps, num_stages, BV in itertools.product(WARPS, PIPELINE, blocks):
-        yield dict(num_warps=num_warps, num_stages=num_stages, **({} if BV is None else dict(BV=BV)))
+def options_of(stage, grid):
+    """Every combination of the grid's values (a register cap of 0 means none; the value block only where
+    the stage has one)."""
+    blocks = grid["BV"] if "BV" in chunk_triton.LAUNCH[stage] else (None,)
+    for num_warps, num_stages, maxnreg, BV in itertools.product(grid["warps"], grid["pipeline"], grid["maxnreg"],
+                                                                blocks):
+        yield dict(num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+                   **({} if BV is None else dict(BV=BV)))
 
 
-def sweep(calls):
+def sweep(calls, grid):
+    """grid None: each stage at its LAUNCH options only."""
     rows = []
     for stage, call in calls.items():
         current = dict(chunk_triton.LAUNCH[stage])
         times = []
-        for option in options_of(stage):
+        for option in ([current] if grid is None else options_of(stage, grid)):
             chunk_triton.LAUNCH[stage] = option
             try:
                 ms = do_bench(call, warmup=5, rep=40, return_mode="median")
@@ -115,11 +118,21 @@ def main():
     parser.add_argument("--shape", default="8,4096,12,96,192", help="B,T,H,K,V")
     parser.add_argument("--out", default="bench/results/kernel_stages.json")
     parser.add_argument("--fla", action="store_true", help="also profile fla's GDN kernels at the shape")
+    parser.add_argument("--stages", default=",".join(chunk_triton.LAUNCH), help="stages to time (comma-separated)")
+    ints = lambda text: tuple(int(x) for x in text.split(","))
+    parser.add_argument("--warps", type=ints, default=(2, 4, 8))
+    parser.add_argument("--pipeline", type=ints, default=(1, 2, 3), help="num_stages values")
+    parser.add_argument("--maxnreg", type=ints, default=(0,), help="register caps per thread (0: none)")
+    parser.add_argument("--value-blocks", type=ints, default=(32, 64))
+    parser.add_argument("--current", action="store_true", help="time each stage at its LAUNCH options only")
     args = parser.parse_args()
-    shape = tuple(int(x) for x in args.shape.split(","))
+    shape = ints(args.shape)
+    grid = None if args.current else dict(warps=args.warps, pipeline=args.pipeline, maxnreg=args.maxnreg,
+                                          BV=args.value_blocks)
     torch.manual_seed(0)
     print(f"stages of chunk_kla at B,T,H,K,V = {shape} on {torch.cuda.get_device_name()}", flush=True)
-    rows = sweep(stage_calls(*shape))
+    calls = stage_calls(*shape)
+    rows = sweep({stage: calls[stage] for stage in args.stages.split(",")}, grid)
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "shape": shape,
               "stages": rows, "sum_current_ms": round(sum(r["current_ms"] or 0 for r in rows), 4),
               "sum_best_ms": round(sum(r["best_ms"] for r in rows), 4)}

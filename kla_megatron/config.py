@@ -36,6 +36,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     kernel_backend: str = "auto"
     """chunk_kla backend: auto (Triton on GPU, PyTorch on CPU), triton, or torch."""
+    kernel_keep_states: bool = True
+    """Triton: keep each layer's per-chunk states for its backward (faster; 2K + 2V + K V / 32 bytes per token
+    and head, e.g. 14 MB per 1K tokens per layer at 12 heads of K96 V192); false recomputes them, as fla does."""
     init_std: float = 0.02
     tie_embeddings: bool = False
     rope_base: int = 10000

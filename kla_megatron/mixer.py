@@ -79,6 +79,7 @@ class KLAMixer(MegatronModule):
         beta_mode: BetaMode = "kaczmarz",
         eps: float = 1e-6,
         kernel_backend: str = "auto",
+        keep_states: bool = True,
         A_init_range: tuple = (1.0, 16.0),
         dt_init_range: tuple = (1e-3, 0.1),
         pg_collection: Optional[ProcessGroupCollection] = None,
@@ -93,6 +94,7 @@ class KLAMixer(MegatronModule):
         self.beta_mode = beta_mode
         self.eps = eps
         self.kernel_backend = kernel_backend
+        self.keep_states = keep_states
         if pg_collection.cp.size() > 1:
             raise ValueError(
                 "KLAMixer has no context-parallel path yet (state passing, DESIGN.md section 3); set parallel.context=1"
@@ -204,6 +206,7 @@ class KLAMixer(MegatronModule):
             beta_mode=self.beta_mode,
             cu_seqlens=cu_seqlens,
             backend=self.kernel_backend,
+            keep_states=self.keep_states,
         )
         o = rms_norm(o, self.norm_weight, self.config.layernorm_epsilon)
         o = o * F.silu(z.reshape(batch, seq, H, V).float()).to(o.dtype)

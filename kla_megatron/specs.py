@@ -42,7 +42,8 @@ def mixer_spec(mixer: Mixer, model: ModelConfig) -> ModuleSpec:
         )
     return ModuleSpec(
         module=KLAMixer,
-        params={"beta_mode": BETA_MODE[mixer], "eps": model.kla_eps, "kernel_backend": model.kernel_backend},
+        params={"beta_mode": BETA_MODE[mixer], "eps": model.kla_eps, "kernel_backend": model.kernel_backend,
+                "keep_states": model.kernel_keep_states},
         submodules=KLAMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
     )
 

@@ -30,8 +30,9 @@ def chunk_scores(q, k, rk, rq, gc, bos, t0, seq_len, i_h, scale, H, K: tl.conste
 def chunk_kla_fwd_o_kernel(q, k, rk, rq, gc, h, vn, o, cu_seqlens, chunk_indices, scale,
                            H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                            DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One program per (chunk, head, value block); S is recomputed per value block."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One program per (chunk x value block, head); S is recomputed per value block (a chunk's value
+    blocks run side by side, so q and k come from L2 after the first)."""
+    i_c, i_v, i_h = tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(1)
     bos, seq_len, t0, _ = chunk_position(cu_seqlens, chunk_indices, i_c)
     b_q, _, b_gc, b_qscale, _, b_S, b_decay = chunk_scores(q, k, rk, rq, gc, bos, t0, seq_len, i_h, scale, H, K, BK,
                                                            DOT_DTYPE, DOT_PREC)
@@ -47,8 +48,8 @@ def chunk_kla_fwd_o_kernel(q, k, rk, rq, gc, h, vn, o, cu_seqlens, chunk_indices
 def chunk_kla_bwd_dv_local_kernel(q, k, rk, rq, gc, do, dv_local, cu_seqlens, chunk_indices, scale,
                                   H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                                   BV: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dvn from the outputs of its own chunk: P^T do; one program per (chunk, head, value block)."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """dvn from the outputs of its own chunk: P^T do; one program per (chunk x value block, head)."""
+    i_c, i_v, i_h = tl.program_id(0) // tl.cdiv(V, BV), tl.program_id(0) % tl.cdiv(V, BV), tl.program_id(1)
     bos, seq_len, t0, _ = chunk_position(cu_seqlens, chunk_indices, i_c)
     _, _, _, _, _, b_S, b_decay = chunk_scores(q, k, rk, rq, gc, bos, t0, seq_len, i_h, scale, H, K, BK,
                                                DOT_DTYPE, DOT_PREC)
@@ -59,11 +60,12 @@ def chunk_kla_bwd_dv_local_kernel(q, k, rk, rq, gc, do, dv_local, cu_seqlens, ch
 
 
 @triton.jit
-def chunk_kla_bwd_dqkg_kernel(q, k, rk, rq, gc, h, vn, do, dh, dq, dkk, dgc, cu_seqlens, chunk_indices,
+def chunk_kla_bwd_dqkg_kernel(q, k, rk, rq, gc, h, vn, do, dh, dvn, dq, dkk, dgc, dw, cu_seqlens, chunk_indices,
                                scale, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                                BV: tl.constexpr, NORMALIZE_Q: tl.constexpr, DOT_DTYPE: tl.constexpr,
                                DOT_PREC: tl.constexpr):
-    """dq (final), and the parts of dkk, dgc that do not pass through the WY stage.
+    """dq (final), the parts of dkk, dgc that do not pass through the WY stage, and dw = -dvn h^T
+    (vn = u - w h) for chunk_kla_bwd_prepare, as h is read here anyway.
     h is the state before the chunk, dh the gradient of the state after it."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0, o_t = chunk_position(cu_seqlens, chunk_indices, i_c)
@@ -72,6 +74,7 @@ def chunk_kla_bwd_dqkg_kernel(q, k, rk, rq, gc, h, vn, do, dh, dq, dkk, dgc, cu_
     b_do_vn = tl.zeros([BT, BT], dtype=tl.float32)     # do vn^T
     b_vn_dh = tl.zeros([BT, BK], dtype=tl.float32)     # vn dh^T
     b_h_dh = 0.                                        # sum of h * dh
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)        # -dvn h^T
     p_h = tl.make_block_ptr(h + (i_c * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1), (0, 0), (BK, BV), (1, 0))
     p_dh = tl.make_block_ptr(dh + (i_c * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1), (0, 0), (BK, BV), (1, 0))
     for i_v in range(tl.cdiv(V, BV)):
@@ -79,10 +82,14 @@ def chunk_kla_bwd_dqkg_kernel(q, k, rk, rq, gc, h, vn, do, dh, dq, dkk, dgc, cu_
         b_dh = tl.load(tl.advance(p_dh, (0, i_v * BV)), boundary_check=(0, 1))
         b_vn = tl.load(row_block(vn, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1)).to(DOT_DTYPE)
         b_do = tl.load(row_block(do, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1)).to(DOT_DTYPE)
+        b_dvn = tl.load(row_block(dvn, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1))
         b_do_h += tl.dot(b_do, tl.trans(b_h.to(DOT_DTYPE)), input_precision=DOT_PREC)
+        b_dw -= tl.dot(b_dvn.to(DOT_DTYPE), tl.trans(b_h.to(DOT_DTYPE)), input_precision=DOT_PREC)
         b_do_vn += tl.dot(b_do, tl.trans(b_vn), input_precision=DOT_PREC)
         b_vn_dh += tl.dot(b_vn, tl.trans(b_dh.to(DOT_DTYPE)), input_precision=DOT_PREC)
         b_h_dh += tl.sum(tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1), 0)
+
+    tl.store(row_block(dw, bos, t0, seq_len, i_h, H, K, 0, BK), b_dw.to(dw.dtype.element_ty), boundary_check=(0, 1))
 
     # loaded after the loop, so these tiles take no registers during it
     b_q, b_k, b_gc, b_qscale, b_rk, b_S, b_decay = chunk_scores(q, k, rk, rq, gc, bos, t0, seq_len, i_h, scale, H,

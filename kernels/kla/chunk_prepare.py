@@ -4,8 +4,7 @@ Forward, one program per (chunk, head), in two kernels: fwd_solve computes the c
 the key and query norms rk = (|k|^2+eps)^-1/2, rq, the strictly lower L = beta_i <kk_i, kk_j>
 exp(gc_i - gc_j) of the unit keys kk = k rk and its inverse Ainv = (I + L)^-1 (kept for the backward);
 fwd_wu computes w = Ainv (beta exp(gc) kk) and u = Ainv (beta vv) with vv = v rk (kaczmarz) or v
-(sigmoid), and runs again in the backward. bwd_prepare reverses these stages and the key/value
-normalisation in one program.
+(sigmoid). bwd_prepare reverses these stages and the key/value normalisation in one program.
 
 Keys, queries and values enter the tensor-core products as stored (bf16 stays bf16); the per-token
 factors (rk, beta, decays) scale the other operand or the product, so no fp32 copy of a [BT, K] tile
@@ -101,10 +100,22 @@ def chunk_kla_fwd_solve_kernel(q, k, g, eta, gc, rk, rq, Ainv, cu_seqlens, chunk
 
 
 @triton.jit
+def apply_to_rows(b_A, x, y, bos, t0, seq_len, i_h, H, D: tl.constexpr, BC: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """y = A x for the chunk's rows of head i_h of x, y [T, H, D], in column blocks of BC."""
+    for i_d in range(tl.cdiv(D, BC)):
+        b_x = tl.load(row_block(x, bos, t0, seq_len, i_h, H, D, i_d * BC, BC), boundary_check=(0, 1))
+        b_y = tl.dot(b_A, b_x.to(DOT_DTYPE), input_precision=DOT_PREC)
+        tl.store(row_block(y, bos, t0, seq_len, i_h, H, D, i_d * BC, BC), b_y.to(y.dtype.element_ty),
+                 boundary_check=(0, 1))
+
+
+@triton.jit
 def chunk_kla_fwd_wu_kernel(k, v, eta, gc, rk, Ainv, w, u, cu_seqlens, chunk_indices, H, K: tl.constexpr,
                             V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KACZMARZ: tl.constexpr,
                             DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """w = Ainv diag(beta exp(gc) rk) k and u = Ainv diag(beta [rk]) v of one chunk."""
+    """w = Ainv diag(beta exp(gc) rk) k and u = Ainv diag(beta [rk]) v of one chunk, both in column blocks
+    of BV (no [BT, K] accumulator)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0, o_t = chunk_position(cu_seqlens, chunk_indices, i_c)
     b_beta = load_tokens(eta, bos, o_t, seq_len, i_h, H)
@@ -112,24 +123,18 @@ def chunk_kla_fwd_wu_kernel(k, v, eta, gc, rk, Ainv, w, u, cu_seqlens, chunk_ind
     b_Ai = tl.load(chunk_inverse_pointers(Ainv, bos, o_t, i_h, H), mask=(o_t < seq_len)[:, None], other=0.)
     b_Ai = b_Ai.to(tl.float32)
     b_step = b_beta * tl.exp(load_tokens(gc, bos, o_t, seq_len, i_h, H)) * b_rk
-    b_w = tl.dot((b_Ai * b_step[None, :]).to(DOT_DTYPE), load_rows(k, bos, t0, seq_len, i_h, H, K, BK).to(DOT_DTYPE),
-                 input_precision=DOT_PREC)
-    tl.store(row_block(w, bos, t0, seq_len, i_h, H, K, 0, BK), b_w.to(w.dtype.element_ty), boundary_check=(0, 1))
+    apply_to_rows((b_Ai * b_step[None, :]).to(DOT_DTYPE), k, w, bos, t0, seq_len, i_h, H, K, BV, DOT_DTYPE, DOT_PREC)
     b_Au = (b_Ai * (b_beta * b_rk if KACZMARZ else b_beta)[None, :]).to(DOT_DTYPE)
-    for i_v in range(tl.cdiv(V, BV)):
-        b_v = tl.load(row_block(v, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1))
-        b_u = tl.dot(b_Au, b_v.to(DOT_DTYPE), input_precision=DOT_PREC)
-        tl.store(row_block(u, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), b_u.to(u.dtype.element_ty),
-                 boundary_check=(0, 1))
+    apply_to_rows(b_Au, v, u, bos, t0, seq_len, i_h, H, V, BV, DOT_DTYPE, DOT_PREC)
 
 
 @triton.jit
-def chunk_kla_bwd_prepare_kernel(k, v, eta, gc, rk, Ainv, h, du, dkk, dgc, dk, dv, deta, dg, cu_seqlens,
+def chunk_kla_bwd_prepare_kernel(k, v, eta, gc, rk, Ainv, du, dw, dkk, dgc, dk, dv, deta, dg, cu_seqlens,
                                  chunk_indices, H, K: tl.constexpr, V: tl.constexpr,
                                  BK: tl.constexpr, BV: tl.constexpr, KACZMARZ: tl.constexpr,
                                  DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """From du (= dvn), the state h before the chunk and the partial dkk, dgc of chunk_kla_bwd_dqkg:
-    dk, dv, deta, dg. dw = -du h^T (vn = u - w h) is formed here, where few registers are in use."""
+    """From du (= dvn), dw (= -dvn h^T, as vn = u - w h; formed in chunk_kla_bwd_dqkg, which reads h) and
+    the partial dkk, dgc of chunk_kla_bwd_dqkg: dk, dv, deta, dg."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, seq_len, t0, o_t = chunk_position(cu_seqlens, chunk_indices, i_c)
     m_t = o_t < seq_len
@@ -143,15 +148,11 @@ def chunk_kla_bwd_prepare_kernel(k, v, eta, gc, rk, Ainv, h, du, dkk, dgc, dk, d
     b_value_scale = b_beta * b_rk if KACZMARZ else b_beta
     b_dAi = tl.zeros([BT, BT], dtype=tl.float32)       # before the column scaling by b_value_scale
     b_v_dXu = tl.zeros([BT], dtype=tl.float32)         # <v_t, dXu_t>
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-    p_h = tl.make_block_ptr(h + (i_c * H + i_h).to(tl.int64) * K * V, (K, V), (V, 1), (0, 0), (BK, BV), (1, 0))
     for i_v in range(tl.cdiv(V, BV)):
         b_v = tl.load(row_block(v, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1))
         b_du = tl.load(row_block(du, bos, t0, seq_len, i_h, H, V, i_v * BV, BV), boundary_check=(0, 1))
         b_du = b_du.to(DOT_DTYPE)
         b_dXu = tl.dot(tl.trans(b_Ai), b_du, input_precision=DOT_PREC)
-        b_h = tl.load(tl.advance(p_h, (0, i_v * BV)), boundary_check=(0, 1)).to(DOT_DTYPE)
-        b_dw -= tl.dot(b_du, tl.trans(b_h), input_precision=DOT_PREC)
         b_dAi += tl.dot(b_du, tl.trans(b_v.to(DOT_DTYPE)), input_precision=DOT_PREC)
         b_v_dXu += tl.sum(b_v.to(tl.float32) * b_dXu, 1)
         tl.store(row_block(dv, bos, t0, seq_len, i_h, H, V, i_v * BV, BV),
@@ -159,16 +160,12 @@ def chunk_kla_bwd_prepare_kernel(k, v, eta, gc, rk, Ainv, h, du, dkk, dgc, dk, d
     b_dAi *= b_value_scale[None, :]
     b_dbeta = b_v_dXu * (b_rk if KACZMARZ else 1.)
 
-    # w = Ainv Xw, Xw = beta exp(gc) kk = diag(step rk) k
-    b_k = load_rows(k, bos, t0, seq_len, i_h, H, K, BK)
+    # w = Ainv Xw, Xw = beta exp(gc) kk = diag(step rk) k: first the part of dAi, so that dL is formed
+    # before dXw and dkk, the two [BT, K] fp32 tiles, are live
+    b_k = load_rows(k, bos, t0, seq_len, i_h, H, K, BK).to(DOT_DTYPE)
+    b_dw = load_rows(dw, bos, t0, seq_len, i_h, H, K, BK).to(DOT_DTYPE)
     b_step = b_beta * tl.exp(b_gc)
-    b_dXw = tl.dot(tl.trans(b_Ai), b_dw.to(DOT_DTYPE), input_precision=DOT_PREC)
-    b_dAi += tl.dot(b_dw.to(DOT_DTYPE), tl.trans(b_k.to(DOT_DTYPE)), input_precision=DOT_PREC) * (b_step * b_rk)[None, :]
-    b_dkk = tl.load(row_block(dkk, bos, t0, seq_len, i_h, H, K, 0, BK), boundary_check=(0, 1))
-    b_dkk += b_dXw * b_step[:, None]
-    b_kk_dXw = tl.sum(b_k.to(tl.float32) * b_dXw, 1) * b_rk * tl.exp(b_gc)
-    b_dbeta += b_kk_dXw
-    b_dgc = load_tokens(dgc, bos, o_t, seq_len, i_h, H) + b_kk_dXw * b_beta
+    b_dAi += tl.dot(b_dw, tl.trans(b_k), input_precision=DOT_PREC) * (b_step * b_rk)[None, :]
 
     # Ainv = (I + L)^-1  =>  dL = -Ainv^T dAi Ainv^T, kept on the strictly lower part
     m_lower = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
@@ -179,16 +176,23 @@ def chunk_kla_bwd_prepare_kernel(k, v, eta, gc, rk, Ainv, h, du, dkk, dgc, dk, d
     b_dL = tl.where(m_lower, b_dL, 0.)
     b_dL_L = b_dL * b_gram * b_beta[:, None]
     b_dbeta += tl.sum(b_dL * b_gram, 1)
-    b_dgc += tl.sum(b_dL_L, 1) - tl.sum(b_dL_L, 0)
-    # dkk += (Q + Q^T) kk with Q = dL decay beta; kk = diag(rk) k
+    b_dgc = load_tokens(dgc, bos, o_t, seq_len, i_h, H) + tl.sum(b_dL_L, 1) - tl.sum(b_dL_L, 0)
+    # Q = dL decay beta: dkk gets (Q + Q^T) kk, kk = diag(rk) k
     b_Q = b_dL * b_decay * b_beta[:, None]
-    b_dkk += tl.dot(((b_Q + tl.trans(b_Q)) * b_rk[None, :]).to(DOT_DTYPE), b_k.to(DOT_DTYPE), input_precision=DOT_PREC)
+    b_QQ = ((b_Q + tl.trans(b_Q)) * b_rk[None, :]).to(DOT_DTYPE)
 
-    # kk = k rk, vv = v rk with rk = (|k|^2 + eps)^-1/2, drk/dk = -rk^3 k; written with kk = k rk:
-    # dk = rk dkk - rk^2 kk (<kk, dkk> / rk + <v, dvv>)
-    b_kk = b_k.to(tl.float32) * b_rk[:, None]
-    b_drk = tl.sum(b_kk * b_dkk, 1) * b_rk + ((b_v_dXu * b_beta * b_rk * b_rk) if KACZMARZ else 0.)
-    b_dk = b_dkk * b_rk[:, None] - b_kk * b_drk[:, None]
+    # dXw = Ainv^T dw; dkk (fp32, partial from bwd_dqkg) += step dXw + (Q + Q^T) kk
+    b_dXw = tl.dot(tl.trans(b_Ai), b_dw, input_precision=DOT_PREC)
+    b_kk_dXw = tl.sum(b_k.to(tl.float32) * b_dXw, 1) * b_rk * tl.exp(b_gc)
+    b_dbeta += b_kk_dXw
+    b_dgc += b_kk_dXw * b_beta
+    b_dkk = load_rows(dkk, bos, t0, seq_len, i_h, H, K, BK) + b_dXw * b_step[:, None]
+    b_dkk += tl.dot(b_QQ, b_k, input_precision=DOT_PREC)
+
+    # kk = k rk, vv = v rk with rk = (|k|^2 + eps)^-1/2, drk/dk = -rk^3 k:
+    # dk = rk dkk - k rk drk, drk = rk^2 <k, dkk> (+ <v, dvv>)
+    b_drk = tl.sum(b_k.to(tl.float32) * b_dkk, 1) * b_rk * b_rk + ((b_v_dXu * b_beta * b_rk * b_rk) if KACZMARZ else 0.)
+    b_dk = (b_dkk - b_k.to(tl.float32) * b_drk[:, None]) * b_rk[:, None]
     tl.store(row_block(dk, bos, t0, seq_len, i_h, H, K, 0, BK), b_dk.to(dk.dtype.element_ty), boundary_check=(0, 1))
     tl.store(deta + p_token, b_dbeta, mask=m_t)
     # gc is the chunk-local cumulative sum of g: dg_t = sum over i >= t of dgc_i

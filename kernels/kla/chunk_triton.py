@@ -1,9 +1,9 @@
 """chunk_kla on the Triton kernels: the autograd Function and the launch of each stage.
 
 Forward:  fwd_solve (gc, rk, rq, Ainv; kept) -> fwd_wu (w, u) -> fwd_h (h per chunk, vn) -> fwd_o.
-Backward: fwd_wu and fwd_h again (recomputed rather than kept, as fla does: saves memory)
-          -> bwd_dv_local -> bwd_dh (dh per chunk, dvn, dh0) -> bwd_dqkg (dq, partial dkk/dgc)
-          -> bwd_prepare (dw, then dk, dv, deta, dg).
+Backward: [fwd_wu and fwd_h again, unless w, h, vn were kept] -> bwd_dv_local
+          -> bwd_dh (dh per chunk, dvn, dh0) -> bwd_dqkg (dq, partial dkk/dgc, dw) -> bwd_prepare (dk, dv,
+          deta, dg).
 """
 
 import torch
@@ -82,10 +82,11 @@ class Stages:
         self.sequences = self.layout.cu_seqlens, self.layout.chunk_indices
 
     def per_chunk(self, stage):
-        """Grid (chunk, head[, value block]) and launch options of a per-chunk stage."""
+        """Grid (chunk [x value block], head) and launch options of a per-chunk stage. A chunk's value blocks
+        are neighbours in the grid, so they run side by side and share their q, k reads through L2."""
         BV, options = launch_options(stage, self.K, self.V, self.element_size)
-        grid = (self.layout.num_chunks, self.H) + ((triton.cdiv(self.V, BV),) if stage in ("fwd_o", "bwd_dv_local")
-                                                   else ())
+        value_blocks = triton.cdiv(self.V, BV) if stage in ("fwd_o", "bwd_dv_local") else 1
+        grid = (self.layout.num_chunks * value_blocks, self.H)
         return grid, dict(H=self.H, K=self.K, BK=self.BK, **({} if BV is None else dict(V=self.V, BV=BV)),
                           **self.flags, **options)
 
@@ -152,22 +153,23 @@ class Stages:
                                       **options)
         return dh, dvn, dh0
 
-    def bwd_dqkg(self, per_token, h, vn, do, dh):
+    def bwd_dqkg(self, per_token, h, vn, do, dh, dvn):
         gc, rk, rq = per_token
         dq = torch.empty_like(self.q)
         dkk = torch.empty(self.k.shape, dtype=torch.float32, device=self.k.device)
         dgc = torch.empty_like(self.g)
+        dw = torch.empty(self.k.shape, dtype=self.store_dtype, device=self.k.device)
         grid, options = self.per_chunk("bwd_dqkg")
-        chunk_kla_bwd_dqkg_kernel[grid](self.q, self.k, rk, rq, gc, h, vn, do, dh, dq, dkk, dgc, *self.sequences,
-                                        self.scale, NORMALIZE_Q=self.normalize_q, **options)
-        return dq, dkk, dgc
+        chunk_kla_bwd_dqkg_kernel[grid](self.q, self.k, rk, rq, gc, h, vn, do, dh, dvn, dq, dkk, dgc, dw,
+                                        *self.sequences, self.scale, NORMALIZE_Q=self.normalize_q, **options)
+        return dq, dkk, dgc, dw
 
-    def bwd_prepare(self, per_token, Ainv, h, dvn, dkk, dgc):
+    def bwd_prepare(self, per_token, Ainv, dvn, dw, dkk, dgc):
         gc, rk, _ = per_token
         dk, dv = torch.empty_like(self.k), torch.empty_like(self.v)
         deta, dg = torch.empty_like(self.eta), torch.empty_like(self.g)
         grid, options = self.per_chunk("bwd_prepare")
-        chunk_kla_bwd_prepare_kernel[grid](self.k, self.v, self.eta, gc, rk, Ainv, h, dvn, dkk, dgc, dk, dv, deta,
+        chunk_kla_bwd_prepare_kernel[grid](self.k, self.v, self.eta, gc, rk, Ainv, dvn, dw, dkk, dgc, dk, dv, deta,
                                            dg, *self.sequences, KACZMARZ=self.kaczmarz, **options)
         return dk, dv, deta, dg
 
@@ -175,42 +177,43 @@ class Stages:
 class ChunkKLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, eta, initial_state, scale, eps, output_final_state, cu_seqlens, normalize_q,
-                kaczmarz):
+                kaczmarz, keep_states):
         layout = chunk_layout(q.shape[0], q.shape[1], cu_seqlens, q.device)
         stages = Stages(q, k, v, g, eta, scale, eps, layout, normalize_q, kaczmarz)
         per_token, Ainv = stages.fwd_solve()
         w, u = stages.fwd_wu(per_token, Ainv)
         h, vn, ht = stages.fwd_h(per_token, w, u, initial_state, output_final_state)
         o = stages.fwd_o(per_token, h, vn)
-        ctx.save_for_backward(q, k, v, g, eta, initial_state, *per_token, Ainv)
+        ctx.save_for_backward(q, k, v, g, eta, initial_state, *per_token, Ainv,
+                              *((w, h, vn) if keep_states else (None,) * 3))
         ctx.options = (scale, eps, layout, normalize_q, kaczmarz)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, eta, initial_state, gc, rk, rq, Ainv = ctx.saved_tensors
+        q, k, v, g, eta, initial_state, gc, rk, rq, Ainv, w, h, vn = ctx.saved_tensors
         stages = Stages(q, k, v, g, eta, *ctx.options)
         per_token = gc, rk, rq
         do = do.contiguous()
-        # w, u and the states are recomputed rather than kept (as fla does): saves memory
-        w, u = stages.fwd_wu(per_token, Ainv)
-        h, vn, _ = stages.fwd_h(per_token, w, u, initial_state, False)
+        if h is None:  # not kept: recomputed (deterministic, so the same values)
+            w, u = stages.fwd_wu(per_token, Ainv)
+            h, vn, _ = stages.fwd_h(per_token, w, u, initial_state, False)
         dv_local = stages.bwd_dv_local(per_token, do)
         dh, dvn, dh0 = stages.bwd_dh(per_token, w, do, dv_local, dht, initial_state)
-        dq, dkk, dgc = stages.bwd_dqkg(per_token, h, vn, do, dh)
-        dk, dv, deta, dg = stages.bwd_prepare(per_token, Ainv, h, dvn, dkk, dgc)
-        return dq, dk, dv, dg, deta, dh0, None, None, None, None, None, None
+        dq, dkk, dgc, dw = stages.bwd_dqkg(per_token, h, vn, do, dh, dvn)
+        dk, dv, deta, dg = stages.bwd_prepare(per_token, Ainv, dvn, dw, dkk, dgc)
+        return dq, dk, dv, dg, deta, dh0, None, None, None, None, None, None, None
 
 
 def chunk_kla_triton(q, k, v, g, eta, scale, eps, initial_state, output_final_state, cu_seqlens, normalize_q,
-                     beta_mode):
+                     beta_mode, keep_states=True):
     if q.dtype == torch.float16:  # values scaled by 1/|k| can leave fp16's range: run in fp32, return fp16
         o, final_state = chunk_kla_triton(q.float(), k.float(), v.float(), g, eta, scale, eps, initial_state,
-                                          output_final_state, cu_seqlens, normalize_q, beta_mode)
+                                          output_final_state, cu_seqlens, normalize_q, beta_mode, keep_states)
         return o.half(), final_state
     q, k, v = (x.contiguous() for x in (q, k, v))
     g, eta = g.float().contiguous(), eta.float().contiguous()
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     return ChunkKLAFunction.apply(q, k, v, g, eta, initial_state, scale, eps, output_final_state, cu_seqlens,
-                                  normalize_q, beta_mode == "kaczmarz")
+                                  normalize_q, beta_mode == "kaczmarz", keep_states)

@@ -76,7 +76,7 @@ def main():
         v = torch.randn(B, T, H, V, dtype=dtype)
         g, eta, h0 = -torch.rand(B, T, H), torch.rand(B, T, H), torch.randn(B, H, K, V)
         ctx = type("Context", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t)})()
-        chunk_triton.ChunkKLAFunction.forward(ctx, q, k, v, g, eta, h0, 0.1, 1e-6, True, None, True, True)
+        chunk_triton.ChunkKLAFunction.forward(ctx, q, k, v, g, eta, h0, 0.1, 1e-6, True, None, True, True, False)
         chunk_triton.ChunkKLAFunction.backward(ctx, torch.randn_like(v), torch.randn_like(h0))
         fused_recurrent_triton.fused_recurrent_kla_triton(q, k, v, g, eta, 0.1, 1e-6, h0, True, None, True,
                                                           "kaczmarz", None)

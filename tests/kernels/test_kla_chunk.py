@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels import chunk_kla
-from kla_testing import check_against_reference, make_inputs
+from kla_testing import check_against_reference, grads, make_inputs
 
 BACKENDS = ["torch", "triton"]
 BF16_TOL = 1e-2
@@ -50,6 +50,17 @@ def test_without_states_or_query_norm(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_inputs(backend):
     check_against_reference(backend, 1, 100, 1, 32, 32, dtype=torch.bfloat16, tol=BF16_TOL, seed=6)
+
+
+def test_recomputed_states_give_the_same_gradients_as_kept_ones():
+    """keep_states=False reruns fwd_wu and fwd_h in the backward; they are deterministic, so every
+    gradient must equal the kept-states run bit for bit."""
+    inputs = make_inputs(1, 150, 2, 16, 32, dtype=torch.bfloat16, states=1, requires_grad=True, seed=7)
+    q, k, v, g, eta, h0 = inputs
+    gradients = [grads(chunk_kla(q, k, v, g, eta, initial_state=h0, output_final_state=True, backend="triton",
+                                 keep_states=keep), inputs) for keep in (True, False)]
+    for kept, recomputed in zip(*gradients):
+        assert torch.equal(kept, recomputed)
 
 
 def test_final_state_is_optional_and_outputs_keep_dtype():

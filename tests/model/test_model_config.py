@@ -52,8 +52,9 @@ def test_kla_and_gdn_models_have_the_same_parameters(world):
     assert [(n, p.shape) for n, p in kla.named_parameters()] == [(n, p.shape) for n, p in gdn.named_parameters()]
     assert mixer_spec("kla", named_model("tiny")).params["beta_mode"] == "kaczmarz"
     assert mixer_spec("gdn", named_model("tiny")).params["beta_mode"] == "sigmoid"
-    custom = replace(named_model("tiny"), kla_eps=1e-4)
+    custom = replace(named_model("tiny"), kla_eps=1e-4, kernel_keep_states=False)
     assert mixer_spec("kla", custom).params["eps"] == 1e-4
+    assert mixer_spec("kla", custom).params["keep_states"] is False
 
 
 def test_hybrid_places_attention_every_nth_layer(world):
