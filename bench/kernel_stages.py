@@ -22,7 +22,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import make_inputs  # noqa: E402
+from bench.kernels import make_inputs, unlock_fla_backward  # noqa: E402
 from kernels.kla import chunk_triton  # noqa: E402
 from kernels.kla.sequences import chunk_layout  # noqa: E402
 
@@ -90,9 +90,8 @@ def sweep(calls, grid):
 
 def fla_profile(B, T, H, K, V):
     """Per-kernel GPU time of fla's GDN fwd+bwd (one iteration, averaged over 5)."""
-    import fla.ops.common.chunk_o
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only, see bench/kernels.py
+    unlock_fla_backward()
     q, k, v, g, eta = make_inputs(B, T, H, K, V)
     do = torch.randn_like(v)
 

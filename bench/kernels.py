@@ -45,6 +45,13 @@ def make_inputs(B, T, H, K, V, requires_grad=True):
     return [x.requires_grad_(requires_grad) for x in tensors]
 
 
+def unlock_fla_backward():
+    """fla refuses its gated backward under Triton < 3.7.1 on Hopper (fla #640); lifted for timing only,
+    its values are not used (ANCHORS.md)."""
+    import fla.ops.common.chunk_o
+    fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True
+
+
 def ours(q, k, v, g, eta):
     return chunk_kla(q, k, v, g, eta)[0]
 
@@ -163,10 +170,7 @@ def main():
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes.split(";") if shape]
     batches = [int(x) for x in args.decode_batches.split(",") if x]
-    import fla.ops.common.chunk_o
-    # fla refuses its gated backward under Triton < 3.7.1 on Hopper (fla #640); lifted for timing only,
-    # its values are not used (ANCHORS.md)
-    fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True
+    unlock_fla_backward()
     torch.manual_seed(0)
     print(f"benchmarking on {torch.cuda.get_device_name()}", flush=True)
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "rows": [],

@@ -24,7 +24,7 @@ import torch
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import fla_kla, make_inputs  # noqa: E402
+from bench.kernels import fla_kla, make_inputs, unlock_fla_backward  # noqa: E402
 from kernels import chunk_kla, naive_recurrent_kla  # noqa: E402
 from kernels.kla import chunk_triton  # noqa: E402
 
@@ -56,8 +56,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/precision.json")
     args = parser.parse_args()
-    import fla.ops.common.chunk_o
-    fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True  # forward only is compared; see the docstring
+    unlock_fla_backward()  # only the forward is compared; see the docstring
     torch.manual_seed(0)
     rows = []
     for case, change in CASES.items():
