@@ -1,7 +1,9 @@
-"""KLA kernels: chunkwise training/prefill (chunk_kla), decoding (fused_recurrent_kla), the
-context-parallel span summary (chunk_kla_summary) and the float64 reference they are tested against.
-No megatron import here: kla_megatron calls these, never the other way round."""
+"""Our kernels, each beside its PyTorch path and plain reference: the KLA recurrence for training/prefill
+(chunk_kla), decoding (fused_recurrent_kla) and context parallelism (chunk_kla_summary), and the fused
+(gated) RMSNorm. No megatron import here: kla_megatron calls these, never the other way round."""
 
+from .conv import causal_conv1d
 from .kla import chunk_kla, chunk_kla_summary, fused_recurrent_kla, naive_recurrent_kla
+from .norm import rms_norm
 
-__all__ = ["chunk_kla", "chunk_kla_summary", "fused_recurrent_kla", "naive_recurrent_kla"]
+__all__ = ["causal_conv1d", "chunk_kla", "chunk_kla_summary", "fused_recurrent_kla", "naive_recurrent_kla", "rms_norm"]

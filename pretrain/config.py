@@ -108,6 +108,9 @@ class CheckpointSection:
 class LoggingSection:
     interval: int = 1
     tensorboard: bool = True
+    profile_steps: list = field(default_factory=list)
+    """[first, last): profile these steps with torch.profiler and write the GPU time per model component to
+    output_dir/profile/step_profile.json (e.g. [10, 13]); empty: no profiling."""
 
 
 @dataclass

@@ -23,12 +23,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from kla_megatron import build_model, transformer_config
 from kla_megatron.config import ModelConfig
-from pretrain import checkpoint, zero
+from pretrain import checkpoint, profiling, zero
 from pretrain.config import ConfigError, TrainConfig, load_config, save_config
 from pretrain.cpu import cuda_bookkeeping_on_cpu
 from pretrain.data import DataFiles, MicroBatches, build_datasets, load_tokenizer
 from pretrain.distributed import init_distributed, launch_env, shutdown
 from pretrain.metrics import Metrics, model_flops_per_token
+from pretrain.profiling import StepProfiler, component_range
 
 
 def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, DataFiles]:
@@ -77,6 +78,9 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Dat
         raise ConfigError("training.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
     if not 0 <= t.warmup_steps < t.steps:
         raise ConfigError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps})")
+    profile = config.logging.profile_steps
+    if profile and not (len(profile) == 2 and 0 <= profile[0] < profile[1] <= t.steps):
+        raise ConfigError(f"logging.profile_steps={profile} must be [first, last) with 0 <= first < last <= training.steps, e.g. [10, 13]")
     init_from = config.checkpoint.init_from
     if init_from and not (Path(init_from) / "model" / "metadata.json").is_file():
         raise ConfigError(f"checkpoint.init_from={init_from} is not a checkpoint folder (e.g. outputs/run/checkpoints/step_0000100)")
@@ -98,9 +102,10 @@ def forward_step(engine, data_iterator, model):
     The schedule is handed the bare megatron model (it reads its config and, with pipelining, sets
     its input tensor); the forward itself goes through the DeepSpeed engine, whose output hooks
     run ZeRO's backward bookkeeping when the schedule calls torch.autograd.backward."""
-    batch = next(data_iterator)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with component_range(profiling.DATA):
+        batch = next(data_iterator)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     per_token_loss = engine(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return per_token_loss, partial(masked_mean, batch["loss_mask"])
 
@@ -270,17 +275,25 @@ def run(config: TrainConfig, resume: bool) -> dict:
             print(f"saved checkpoint {path}", flush=True)
 
     history = {"train_loss": {}, "valid_loss": {}}
+    profile_steps = config.logging.profile_steps
+    profiler = StepProfiler(engine.module, *profile_steps, out / "profile") if profile_steps else None
     engine.train()
     metrics.start(step)
     while step < t.steps:
+        if profiler:
+            profiler.step_begin(step)
         with cuda_bookkeeping_on_cpu():
             losses = schedule(data_iterator=batches.step(num_microbatches), forward_only=False)
-        engine.step()
+        with component_range(profiling.OPTIMIZER):
+            engine.step()
         scheduler.step(increment=1)
         step += 1
         loss = mean_loss(losses)
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         history["train_loss"][step] = loss
+        if profiler and (summary := profiler.step_end(step)) is not None and rank0:
+            print(f"profile of steps {profile_steps[0]}..{profile_steps[1] - 1} (rank 0):\n{profiling.format_table(summary)}\n"
+                  f"written to {out / 'profile' / 'step_profile.json'}", flush=True)
         if reporting:
             log = step % config.logging.interval == 0 or step == t.steps
             metrics.train(step, loss, engine.optimizer.param_groups[0]["lr"], grad_norm, log)

@@ -11,12 +11,11 @@ so both modes are the gated delta rule on keys kk with step eta; KLA only scales
 The transition I - eta kk kk^T is a contraction for any key scale, which keeps every path finite.
 """
 
-import os
-
 import torch
 
+from kernels.common.backend import check_backend, use_triton as use_triton_for
+
 BETA_MODES = ("kaczmarz", "sigmoid")
-BACKENDS = ("auto", "torch", "triton")
 MAX_HEAD_DIM = 256
 
 
@@ -24,8 +23,7 @@ def check_inputs(q, k, v, g, eta, initial_state, cu_seqlens, beta_mode, backend,
     """Raise ValueError with a plain message when the arguments do not fit together."""
     if beta_mode not in BETA_MODES:
         raise ValueError(f"beta_mode must be one of {BETA_MODES}, got {beta_mode!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape != k.shape:
@@ -61,18 +59,11 @@ def check_inputs(q, k, v, g, eta, initial_state, cu_seqlens, beta_mode, backend,
 
 
 def use_triton(backend, q, v):
-    """Resolve backend='auto': Triton on CUDA for head dims up to 256, torch otherwise.
-    'triton' on CPU tensors needs TRITON_INTERPRET=1."""
+    """Resolve the backend (kernels.common.backend); 'auto' also needs head dims up to 256."""
     fits = max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
-    if backend == "auto":
-        return q.is_cuda and fits
-    if backend == "triton":
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-        if not fits:
-            raise ValueError(f"the Triton kernels support head dims up to {MAX_HEAD_DIM}")
-        return True
-    return False
+    if backend == "triton" and not fits:
+        raise ValueError(f"the Triton kernels support head dims up to {MAX_HEAD_DIM}")
+    return use_triton_for(backend, q) and fits
 
 
 def sequence_bounds(T, B, cu_seqlens):

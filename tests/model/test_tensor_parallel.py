@@ -16,6 +16,10 @@ from kla_model_testing import free_port, megatron_world, rel_err
 VOCAB = 1024  # a multiple of the padding step: no padded rows at any TP size
 BATCH, SEQ = 2, 24
 TOL = 1e-5
+# Gradients are fp32 sums over every token in another order at TP=2 (row-parallel all-reduce); the decay
+# parameters' gradients cancel heavily across tokens, so their relative error is larger: A_log of layer 1
+# measured 1.08e-5 on the 2-core CPU machine (2026-11-30), with the unchanged code of the previous landing.
+GRAD_TOL = 2e-5
 MODEL = "tiny"
 
 
@@ -157,7 +161,7 @@ def test_tensor_parallel_2_matches_single_process(tmp_path):
         diff = sum((res["grads"][name].double() - s.double()).norm() ** 2 for res, s in zip(ranks, shards)) ** 0.5
         size = sum(s.double().norm() ** 2 for s in shards) ** 0.5
         err = (diff / size).item()
-        assert err < TOL, f"grad of {name}: TP=2 shards vs TP=1 rel err {err:.2e}"
+        assert err < GRAD_TOL, f"grad of {name}: TP=2 shards vs TP=1 rel err {err:.2e}"
 
     # TP = 2 -> TP = 1: the checkpoint written by the two ranks loads back to the original weights
     with megatron_world(tensor_parallel=1):

@@ -1,0 +1,1 @@
+"""Pieces shared by the kernel folders: backend choice."""
