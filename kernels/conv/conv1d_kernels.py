@@ -1,18 +1,21 @@
 """Triton kernels of causal_conv1d.
 
-A program takes a tile of BT tokens x BC channels of one batch row. The input at position t + shift
-(shift <= 0) "as seen by row t" is x there, or, before the first token of row t's document, that
-document's initial state (zero without one); rows find their document through seq_idx (packed
-documents) or are their batch row's. So tiles may cross document starts and nothing is read on the host.
+A program takes BC channels of one batch row over L consecutive tokens and walks them one token at a
+time, keeping the last W inputs (and in the backward the last W output gradients) in registers, as
+tuples of [BC] vectors: every input is read from memory once, every output written once, and each
+token's pre-activation and SiLU derivative computed once. Loads run AHEAD tokens in front of the
+walk, so that many are in flight.
 
-    forward:  z[t] = sum_j w_j in(t - W + 1 + j);  y = act(z)          (W shifted loads; the shifted ones
-                                                                         hit the cache)
-    backward: dz = dy act'(z), with z recomputed; dx[t] = sum_k w_{W-1-k} dz[t + k] (same document),
-              dw_{W-1-k} += x[t] dz[t + k]
-Each output's dz is computed once: a backward tile computes dz on its BT rows and moves it k rows up
-in registers (tl.gather), so it owns (writes dx for) its first BT - W + 1 rows and tiles overlap by
-W - 1 rows. The taps that read an initial state (a document's first W - 1 outputs) give dh0 and the rest
-of dw in a small kernel per document.
+    forward (t up):    z[t] = sum_j w_j in(t - W + 1 + j);  y[t] = act(z[t])
+    backward (t down): dz[t] = dy[t] act'(z[t]) (z recomputed);  dx[t] = sum_k w_{W-1-k} dz[t + k];
+                       dw_j += dz[t] in(t - W + 1 + j)
+in(s) is x, or before the first token of t's sequence that sequence's initial state (zero without one).
+Sequences are the batch rows, or the packed documents of cu_seqlens (found per token through seq_idx,
+so a walk may cross document starts and nothing is read on the host). The window is read afresh
+(W loads) near a sequence start, and in the backward the gradient window is cleared at a sequence end.
+A backward program also walks the W - 1 tokens after its own (their dz reaches its dx) and writes its
+part of dw; the sums over programs are one small reduction. The initial state's gradient comes from a
+kernel per sequence over its first W - 1 outputs.
 """
 
 import triton
@@ -20,75 +23,107 @@ import triton.language as tl
 
 
 @triton.jit
-def row_documents(seq_idx, cu_seqlens, b, t, T, VARLEN: tl.constexpr):
-    """Per row t: its sequence (the batch row b, or its packed document), the sequence's first token and end."""
+def sequence_of(seq_idx, cu_seqlens, b, t, T, VARLEN: tl.constexpr):
+    """(sequence, first token, end) of token t: batch row b, or t's packed document."""
     if VARLEN:
-        doc = tl.load(seq_idx + t, mask=t < T, other=0)
-        bos = tl.load(cu_seqlens + doc)
-        end = tl.load(cu_seqlens + doc + 1)
+        n = tl.load(seq_idx + t)
+        bos = tl.load(cu_seqlens + n)
+        end = tl.load(cu_seqlens + n + 1)
     else:
-        doc = tl.zeros_like(t) + b
-        bos = tl.zeros_like(t)
-        end = tl.zeros_like(t) + T
-    return doc, bos, end
+        n = b
+        bos = b * 0
+        end = b * 0 + T
+    return n, bos, end
 
 
 @triton.jit
-def input_at(x_row, h0, t, rel, doc, o_c, m_t, m_c, stride_t, C, shift: tl.constexpr, W: tl.constexpr,
-             HAS_STATE: tl.constexpr):
-    """[BT, BC] fp32: the input at t + shift (shift <= 0) for each row t whose position within its sequence
-    is rel: x, or the sequence's initial state [N, C, W - 1] before its first token."""
-    inside = rel + shift >= 0
-    p_x = x_row + (t + shift).to(tl.int64)[:, None] * stride_t + o_c[None, :]
-    value = tl.load(p_x, mask=(m_t & inside)[:, None] & m_c[None, :], other=0.).to(tl.float32)
+def input_row(x_row, h0, t, rel, n, o_c, m_c, stride_t, C, W: tl.constexpr, HAS_STATE: tl.constexpr):
+    """[BC] fp32: the input at token t, at offset rel (>= 1 - W) from the start of sequence n: x there, or
+    before the start the sequence's initial state [N, C, W - 1] (zero without one)."""
+    value = tl.load(x_row + tl.cast(t, tl.int64) * stride_t + o_c, mask=m_c & (rel >= 0), other=0.).to(tl.float32)
     if HAS_STATE:
-        p_h = h0 + (doc.to(tl.int64) * C)[:, None] * (W - 1) + o_c[None, :] * (W - 1) + (W - 1 + rel + shift)[:, None]
-        value += tl.load(p_h, mask=(m_t & ~inside)[:, None] & m_c[None, :], other=0.).to(tl.float32)
+        p_h = h0 + n.to(tl.int64) * C * (W - 1) + o_c * (W - 1) + (W - 1 + rel)
+        value += tl.load(p_h, mask=m_c & (rel < 0), other=0.).to(tl.float32)
     return value
 
 
 @triton.jit
-def preactivation(x_row, h0, weight, t, rel, doc, o_c, m_t, m_c, stride_t, C, W: tl.constexpr, BT: tl.constexpr,
-                  BC: tl.constexpr, HAS_STATE: tl.constexpr):
-    """z[t] = sum_j w_j in(t - W + 1 + j), [BT, BC] fp32."""
-    z = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(W):
-        w_j = tl.load(weight + o_c * W + j, mask=m_c, other=0.).to(tl.float32)
-        z += w_j[None, :] * input_at(x_row, h0, t, rel, doc, o_c, m_t, m_c, stride_t, C, j - (W - 1), W, HAS_STATE)
-    return z
+def inputs_up_to(x_row, h0, t, rel, n, o_c, m_c, stride_t, C, COUNT: tl.constexpr, W: tl.constexpr,
+                 HAS_STATE: tl.constexpr):
+    """The COUNT inputs at tokens t - COUNT + 1 .. t of sequence n, oldest first (t at offset rel)."""
+    window = ()
+    for i in tl.static_range(COUNT):
+        window = window + (input_row(x_row, h0, t + i - COUNT + 1, rel + i - COUNT + 1, n, o_c, m_c, stride_t, C,
+                                     W, HAS_STATE),)
+    return window
 
 
 @triton.jit
-def activation_grad(z, dy, ACTIVATION: tl.constexpr):
-    """dy act'(z); silu'(z) = s (1 + z (1 - s)) with s = sigmoid(z)."""
-    if ACTIVATION == "silu":
-        s = tl.sigmoid(z)
-        dz = dy * s * (1 + z * (1 - s))
-    else:
-        dz = dy
-    return dz
+def conv_weights(weight, o_c, m_c, W: tl.constexpr):
+    """(w_0, .., w_{W-1}), each [BC] fp32, of a [C, W] weight."""
+    taps = ()
+    for j in tl.static_range(W):
+        taps = taps + (tl.load(weight + o_c * W + j, mask=m_c, other=0.).to(tl.float32),)
+    return taps
+
+
+@triton.jit
+def rows_ahead(p, t, stride_t, step: tl.constexpr, lo, hi, o_c, m_c, AHEAD: tl.constexpr):
+    """Loads of the AHEAD rows t, t + step, .. of [T, C] rows at p that lie in [lo, hi), as stored (zero outside)."""
+    rows = ()
+    for i in tl.static_range(AHEAD):
+        s = t + i * step
+        rows = rows + (tl.load(p + tl.cast(s, tl.int64) * stride_t + o_c, mask=m_c & (s >= lo) & (s < hi), other=0.),)
+    return rows
+
+
+@triton.jit
+def silu_grad(z, dy):
+    """dy silu'(z) = dy s (1 + z (1 - s)), s = sigmoid(z)."""
+    s = tl.sigmoid(z)
+    return dy * s * (1 + z * (1 - s))
 
 
 @triton.jit
 def causal_conv1d_fwd_kernel(x, weight, h0, y, seq_idx, cu_seqlens, T, C, stride_b, stride_t, W: tl.constexpr,
-                             BT: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_STATE: tl.constexpr,
-                             VARLEN: tl.constexpr):
+                             L: tl.constexpr, BC: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr, ACTIVATION: tl.constexpr,
+                             HAS_STATE: tl.constexpr, VARLEN: tl.constexpr):
     i_t, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = i_t * BT + tl.arange(0, BT)
     o_c = i_c * BC + tl.arange(0, BC)
-    m_t, m_c = t < T, o_c < C
-    doc, bos, _ = row_documents(seq_idx, cu_seqlens, b, t, T, VARLEN)
+    m_c = o_c < C
     x_row = x + b.to(tl.int64) * stride_b
-    z = preactivation(x_row, h0, weight, t, t - bos, doc, o_c, m_t, m_c, stride_t, C, W, BT, BC, HAS_STATE)
-    if ACTIVATION == "silu":
-        z = z * tl.sigmoid(z)
-    p_y = y + (b.to(tl.int64) * T + t)[:, None] * C + o_c[None, :]
-    tl.store(p_y, z.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+    p_y = y + b.to(tl.int64) * T * C + o_c
+    w = conv_weights(weight, o_c, m_c, W)
+    first = i_t * L
+    last = tl.minimum(first + L, T)
+    n, bos, end = sequence_of(seq_idx, cu_seqlens, b, first, T, VARLEN)
+    ahead = rows_ahead(x_row, first, stride_t, 1, first, last, o_c, m_c, AHEAD)
+    window = inputs_up_to(x_row, h0, first - 1, first - 1 - bos, n, o_c, m_c, stride_t, C, W - 1, W, HAS_STATE)
+    for t in tl.range(first, last, loop_unroll_factor=UNROLL):
+        if VARLEN:
+            if t >= end:
+                n, bos, end = sequence_of(seq_idx, cu_seqlens, b, t, T, VARLEN)
+        rel = t - bos
+        if rel < W - 1:  # the window reaches before the sequence's start (or into the previous one)
+            window = inputs_up_to(x_row, h0, t - 1, rel - 1, n, o_c, m_c, stride_t, C, W - 1, W, HAS_STATE)
+        x_t = ahead[0].to(tl.float32)
+        ahead = ahead[1:] + rows_ahead(x_row, t + AHEAD, stride_t, 1, first, last, o_c, m_c, 1)
+        z = w[W - 1] * x_t
+        for j in tl.static_range(W - 1):
+            z += w[j] * window[j]
+        if ACTIVATION == "silu":
+            z = z * tl.sigmoid(z)
+        tl.store(p_y + tl.cast(t, tl.int64) * C, z.to(y.dtype.element_ty), mask=m_c)
+        window = window[1:] + (x_t,)
 
 
 @triton.jit
-def sequence_span(cu_seqlens, n, T, VARLEN: tl.constexpr):
-    """Batch row, first token and end of sequence n."""
+def causal_conv1d_final_state_kernel(x, h0, ht, cu_seqlens, T, C, stride_b, stride_t, W: tl.constexpr,
+                                     BC: tl.constexpr, HAS_STATE: tl.constexpr, VARLEN: tl.constexpr):
+    """ht[n, :, s] = the input at offset L - W + 1 + s of sequence n (L its length; s < W - 1)."""
+    n, i_c = tl.program_id(0), tl.program_id(1)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < C
     if VARLEN:
         b = n * 0
         bos = tl.load(cu_seqlens + n)
@@ -97,108 +132,118 @@ def sequence_span(cu_seqlens, n, T, VARLEN: tl.constexpr):
         b = n
         bos = n * 0
         end = n * 0 + T
-    return b, bos, end
-
-
-@triton.jit
-def causal_conv1d_final_state_kernel(x, h0, ht, cu_seqlens, T, C, stride_b, stride_t, W: tl.constexpr,
-                                     BS: tl.constexpr, BC: tl.constexpr, HAS_STATE: tl.constexpr,
-                                     VARLEN: tl.constexpr):
-    """ht[n, :, s] = the input at position L - W + 1 + s of sequence n (L its length; s < W - 1)."""
-    n, i_c = tl.program_id(0), tl.program_id(1)
-    b, bos, end = sequence_span(cu_seqlens, n, T, VARLEN)
-    s = tl.arange(0, BS)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_s, m_c = s < W - 1, o_c < C
-    t = end - (W - 1) + s
-    value = input_at(x + b.to(tl.int64) * stride_b, h0, t, t - bos, tl.zeros_like(s) + n, o_c, m_s, m_c, stride_t, C,
-                     0, W, HAS_STATE)
-    p_ht = ht + n.to(tl.int64) * C * (W - 1) + o_c[None, :] * (W - 1) + s[:, None]
-    tl.store(p_ht, value.to(ht.dtype.element_ty), mask=m_s[:, None] & m_c[None, :])
+    last = inputs_up_to(x + b.to(tl.int64) * stride_b, h0, end - 1, end - 1 - bos, n, o_c, m_c, stride_t, C, W - 1,
+                        W, HAS_STATE)
+    p_ht = ht + n.to(tl.int64) * C * (W - 1) + o_c * (W - 1)
+    for s in tl.static_range(W - 1):
+        tl.store(p_ht + s, last[s].to(ht.dtype.element_ty), mask=m_c)
 
 
 @triton.jit
 def causal_conv1d_bwd_kernel(x, weight, h0, dy, dht, dx, dw_partial, seq_idx, cu_seqlens, T, C, stride_b, stride_t,
-                             dy_stride_b, dy_stride_t, W: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr,
-                             BC: tl.constexpr, TILES: tl.constexpr, ACTIVATION: tl.constexpr,
-                             HAS_STATE: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, VARLEN: tl.constexpr):
-    """dx of TILES consecutive tiles (each owning its first BT - W + 1 rows), and this program's part of dw
-    from the inputs it owns, dw_partial[program, j, c]."""
-    i_p, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    OWNED: tl.constexpr = BT - (W - 1)
-    r = tl.arange(0, BT)
+                             dy_stride_b, dy_stride_t, W: tl.constexpr, L: tl.constexpr, BC: tl.constexpr,
+                             AHEAD: tl.constexpr, UNROLL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_STATE: tl.constexpr,
+                             HAS_FINAL_GRAD: tl.constexpr, VARLEN: tl.constexpr):
+    """dx of tokens [first, first + L), and this program's part of dw, dw_partial[program, j, c]."""
+    i_t, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    o_w = tl.arange(0, BW)
     x_row = x + b.to(tl.int64) * stride_b
     dy_row = dy + b.to(tl.int64) * dy_stride_b
-    dw = tl.zeros([BW, BC], dtype=tl.float32)
-    for i in range(TILES):
-        t = (i_p * TILES + i) * OWNED + r
-        m_t = t < T
-        owned = m_t & (r < OWNED)
-        doc, bos, end = row_documents(seq_idx, cu_seqlens, b, t, T, VARLEN)
+    p_dx = dx + b.to(tl.int64) * T * C + o_c
+    w = conv_weights(weight, o_c, m_c, W)
+    first = i_t * L
+    owned_end = tl.minimum(first + L, T)
+    top = tl.minimum(first + L + W - 1, T) - 1  # the walk starts W - 1 tokens past the owned ones
+    n, bos, end = sequence_of(seq_idx, cu_seqlens, b, top, T, VARLEN)
+    lowest = tl.maximum(first - (W - 1), 0)  # the lowest input the walk reads
+    edges = rows_ahead(x_row, top - (W - 1), stride_t, -1, lowest, top + 1, o_c, m_c, AHEAD)
+    grads = rows_ahead(dy_row, top, dy_stride_t, -1, first, top + 1, o_c, m_c, AHEAD)
+    window = inputs_up_to(x_row, h0, top, top - bos, n, o_c, m_c, stride_t, C, W, W, HAS_STATE)
+    later = ()  # dz[t + 1], .., dz[t + W - 1]
+    dw = ()
+    for j in tl.static_range(W - 1):
+        later = later + (tl.zeros([BC], dtype=tl.float32),)
+    for j in tl.static_range(W):
+        dw = dw + (tl.zeros([BC], dtype=tl.float32),)
+    previous_rel = top * 0  # the first token reads its window afresh
+    for t in tl.range(top, first - 1, -1, loop_unroll_factor=UNROLL):
+        if VARLEN:
+            if t < bos:  # t is the last token of an earlier document: later tokens' dz do not reach it
+                n, bos, end = sequence_of(seq_idx, cu_seqlens, b, t, T, VARLEN)
+                for k in tl.static_range(W - 1):
+                    later = later[:k] + (tl.zeros([BC], dtype=tl.float32),) + later[k + 1:]
         rel = t - bos
-        z = preactivation(x_row, h0, weight, t, rel, doc, o_c, m_t, m_c, stride_t, C, W, BT, BC, HAS_STATE)
-        p_dy = dy_row + t.to(tl.int64)[:, None] * dy_stride_t + o_c[None, :]
-        dz = activation_grad(z, tl.load(p_dy, mask=m_t[:, None] & m_c[None, :], other=0.).to(tl.float32), ACTIVATION)
-        x_t = tl.where(owned[:, None], input_at(x_row, h0, t, rel, doc, o_c, m_t, m_c, stride_t, C, 0, W, False), 0.)
-        b_dx = tl.zeros([BT, BC], dtype=tl.float32)
-        for k in tl.static_range(W):
-            # dz[t + k]: dz moved k rows up; zero where t + k lies in another document (or past T)
-            if k == 0:
-                dz_k = dz
-            else:
-                dz_k = tl.gather(dz, tl.broadcast_to(tl.minimum(r + k, BT - 1)[:, None], (BT, BC)), 0)
-                dz_k = tl.where((t + k < end)[:, None], dz_k, 0.)
-            w_k = tl.load(weight + o_c * W + (W - 1 - k), mask=m_c, other=0.).to(tl.float32)
-            b_dx += w_k[None, :] * dz_k
-            dw += tl.where(o_w[:, None] == W - 1 - k, tl.sum(x_t * dz_k, 0)[None, :], 0.)
-        if HAS_FINAL_GRAD:  # final_state slot s is the input at end - W + 1 + s
+        edge = edges[0].to(tl.float32)  # the input at t - W + 1
+        edges = edges[1:] + rows_ahead(x_row, t - (W - 1) - AHEAD, stride_t, -1, lowest, top + 1, o_c, m_c, 1)
+        if (rel < W - 1) | (previous_rel < W - 1):  # the window reaches before the sequence's start, or did
+            window = inputs_up_to(x_row, h0, t, rel, n, o_c, m_c, stride_t, C, W, W, HAS_STATE)
+        else:
+            window = (edge,) + window[:W - 1]
+        g = grads[0].to(tl.float32)
+        grads = grads[1:] + rows_ahead(dy_row, t - AHEAD, dy_stride_t, -1, first, top + 1, o_c, m_c, 1)
+        z = w[0] * window[0]
+        for j in tl.static_range(1, W):
+            z += w[j] * window[j]
+        dz = silu_grad(z, g) if ACTIVATION == "silu" else g
+        grad_x = w[W - 1] * dz
+        for k in tl.static_range(1, W):
+            grad_x += w[W - 1 - k] * later[k - 1]
+        if HAS_FINAL_GRAD:  # final-state slot s is the input at end - W + 1 + s
             slot = t - end + (W - 1)
-            p_dht = dht + (doc.to(tl.int64) * C)[:, None] * (W - 1) + o_c[None, :] * (W - 1) + slot[:, None]
-            b_dx += tl.load(p_dht, mask=(owned & (slot >= 0))[:, None] & m_c[None, :], other=0.).to(tl.float32)
-        p_dx = dx + (b.to(tl.int64) * T + t)[:, None] * C + o_c[None, :]
-        tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=owned[:, None] & m_c[None, :])
-    program = b * tl.num_programs(0) + i_p
-    p_dw = dw_partial + (program.to(tl.int64) * W + o_w[:, None]) * C + o_c[None, :]
-    tl.store(p_dw, dw, mask=(o_w < W)[:, None] & m_c[None, :])
+            if slot >= 0:
+                grad_x += tl.load(dht + n.to(tl.int64) * C * (W - 1) + o_c * (W - 1) + slot, mask=m_c,
+                                  other=0.).to(tl.float32)
+        if t < owned_end:
+            tl.store(p_dx + tl.cast(t, tl.int64) * C, grad_x.to(dx.dtype.element_ty), mask=m_c)
+            for j in tl.static_range(W):
+                dw = dw[:j] + (dw[j] + dz * window[j],) + dw[j + 1:]
+        later = (dz,) + later[:W - 2]
+        previous_rel = rel
+    p_dw = dw_partial + ((b * tl.num_programs(0) + i_t).to(tl.int64) * W) * C + o_c
+    for j in tl.static_range(W):
+        tl.store(p_dw + j * C, dw[j], mask=m_c)
 
 
 @triton.jit
-def causal_conv1d_bwd_state_kernel(x, weight, h0, dy, dht, dh0, dw_partial, cu_seqlens, T, C, stride_b, stride_t,
-                                   dy_stride_b, dy_stride_t, first_partial, W: tl.constexpr, BS: tl.constexpr,
-                                   BC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr,
-                                   VARLEN: tl.constexpr):
-    """Per sequence n: dh0[n] and the part of dw from taps that read the initial state, both from the
-    sequence's first W - 1 outputs (dz recomputed); dw goes to dw_partial[first_partial + n]."""
+def causal_conv1d_bwd_state_kernel(x, weight, h0, dy, dht, dh0, cu_seqlens, T, C, stride_b, stride_t, dy_stride_b,
+                                   dy_stride_t, W: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr,
+                                   HAS_FINAL_GRAD: tl.constexpr, VARLEN: tl.constexpr):
+    """dh0[n] from sequence n's first W - 1 outputs (dz recomputed): initial-state slot s (the input at offset
+    s - W + 1) is tap s - r of the output at offset r, for r <= s."""
     n, i_c = tl.program_id(0), tl.program_id(1)
-    b, bos, end = sequence_span(cu_seqlens, n, T, VARLEN)
-    rel = tl.arange(0, BS)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    t = bos + rel
-    m_t = (rel < W - 1) & (t < end)
-    doc = tl.zeros_like(rel) + n
+    if VARLEN:
+        b = n * 0
+        bos = tl.load(cu_seqlens + n)
+        end = tl.load(cu_seqlens + n + 1)
+    else:
+        b = n
+        bos = n * 0
+        end = n * 0 + T
     x_row = x + b.to(tl.int64) * stride_b
-    z = preactivation(x_row, h0, weight, t, rel, doc, o_c, m_t, m_c, stride_t, C, W, BS, BC, True)
-    p_dy = dy + b.to(tl.int64) * dy_stride_b + t.to(tl.int64)[:, None] * dy_stride_t + o_c[None, :]
-    dz = activation_grad(z, tl.load(p_dy, mask=m_t[:, None] & m_c[None, :], other=0.).to(tl.float32), ACTIVATION)
-    state = h0 + n.to(tl.int64) * C * (W - 1) + o_c[None, :] * (W - 1)
-    d_state = dh0 + n.to(tl.int64) * C * (W - 1) + o_c * (W - 1)
+    w = conv_weights(weight, o_c, m_c, W)
+    grad = ()
     for s in tl.static_range(W - 1):
-        # slot s (the input at bos - W + 1 + s) is tap s - rel of output rel, for rel <= s
-        w_tap = tl.load(weight + o_c[None, :] * W + (s - rel)[:, None], mask=(m_t & (rel <= s))[:, None] & m_c[None, :],
-                        other=0.).to(tl.float32)
-        grad = tl.sum(w_tap * dz, 0)
-        if HAS_FINAL_GRAD:  # a sequence shorter than W - 1 passes slot s on as final-state slot s - L
+        grad = grad + (tl.zeros([BC], dtype=tl.float32),)
+    for r in tl.static_range(W - 1):
+        t = bos + r
+        if t < end:
+            window = inputs_up_to(x_row, h0, t, t - bos, n, o_c, m_c, stride_t, C, W, W, True)
+            z = w[0] * window[0]
+            for j in tl.static_range(1, W):
+                z += w[j] * window[j]
+            p_dy = dy + b.to(tl.int64) * dy_stride_b + tl.cast(t, tl.int64) * dy_stride_t + o_c
+            g = tl.load(p_dy, mask=m_c, other=0.).to(tl.float32)
+            dz = silu_grad(z, g) if ACTIVATION == "silu" else g
+            for s in tl.static_range(r, W - 1):
+                grad = grad[:s] + (grad[s] + w[s - r] * dz,) + grad[s + 1:]
+    p_dh0 = dh0 + n.to(tl.int64) * C * (W - 1) + o_c * (W - 1)
+    for s in tl.static_range(W - 1):
+        value = grad[s]
+        if HAS_FINAL_GRAD:  # a sequence shorter than W - 1 passes slot s on as final-state slot s - length
             slot = s - (end - bos)
-            grad += tl.load(dht + n.to(tl.int64) * C * (W - 1) + o_c * (W - 1) + slot, mask=m_c & (slot >= 0),
-                            other=0.).to(tl.float32)
-        tl.store(d_state + s, grad.to(dh0.dtype.element_ty), mask=m_c)
-    p_dw = dw_partial + (first_partial + n).to(tl.int64) * W * C + o_c
-    for j in tl.static_range(W):
-        # tap j of output rel reads slot rel + j while that is < W - 1
-        h = tl.load(state + (rel + j)[:, None], mask=(m_t & (rel + j < W - 1))[:, None] & m_c[None, :],
-                    other=0.).to(tl.float32)
-        tl.store(p_dw + j * C, tl.sum(h * dz, 0), mask=m_c)
+            value += tl.load(dht + n.to(tl.int64) * C * (W - 1) + o_c * (W - 1) + slot, mask=m_c & (slot >= 0),
+                             other=0.).to(tl.float32)
+        tl.store(p_dh0 + s, value.to(dh0.dtype.element_ty), mask=m_c)

@@ -1,30 +1,29 @@
 """causal_conv1d on the Triton kernels (conv1d_kernels.py): the autograd Function and the launches.
 
 Forward:  fwd (y) [-> final_state].
-Backward: bwd (dx, dw partials per program) [-> bwd_state (dh0, dw partials of the state taps)] -> sum of dw.
+Backward: bwd (dx, a part of dw per program) [-> bwd_state (dh0)] -> sum of the parts of dw.
 """
 
 import torch
 import triton
 
+from ..common import triton_compat  # noqa: F401  (interpreter fix, see there)
 from .conv1d_kernels import (causal_conv1d_bwd_kernel, causal_conv1d_bwd_state_kernel, causal_conv1d_final_state_kernel,
                              causal_conv1d_fwd_kernel)
 
-# Launch options: tile rows BT, channel block BC, warps; the backward runs TILES consecutive tiles per program
-# (fewer dw partials to sum, and a tile's first rows were the previous tile's last). bench/conv.py --sweep
-# times the alternatives.
+# Launch options: tokens per program L, channel block BC, rows loaded ahead of the walk AHEAD, loop unrolling (it
+# removes the register moves of the sliding windows), warps. BC is for W <= 4; wider kernels hold more window
+# registers and get a proportionally narrower block (launch_options). bench/conv.py --sweep times the alternatives.
 LAUNCH = {
-    "fwd": dict(BT=64, BC=128, num_warps=4),
-    "bwd": dict(BT=64, BC=128, TILES=4, num_warps=8),
+    "fwd": dict(L=128, BC=256, AHEAD=4, UNROLL=4, num_warps=1),
+    "bwd": dict(L=128, BC=128, AHEAD=4, UNROLL=4, num_warps=1),
 }
-SEQUENCE_BC = 128  # channel block of the per-sequence kernels (final state, state gradient): a few rows each
+SEQUENCE_BC = 128  # channel block of the per-sequence kernels (final state, initial-state gradient)
 
 
-def tile_options(stage, T, C, min_rows):
-    """LAUNCH[stage] with tiles no larger than the input needs (decode steps compile their own small tiles)."""
+def launch_options(stage, W):
     options = dict(LAUNCH[stage])
-    options["BT"] = min(options["BT"], max(2, triton.next_power_of_2(min_rows)))
-    options["BC"] = min(options["BC"], triton.next_power_of_2(C))
+    options["BC"] = max(16, options["BC"] * 4 // max(4, triton.next_power_of_2(W)))
     return options
 
 
@@ -37,8 +36,8 @@ def documents(x, cu_seqlens):
     return torch.searchsorted(cu_seqlens[1:], tokens, right=True, out_int32=True), cu_seqlens
 
 
-def state_rows(W):
-    return max(2, triton.next_power_of_2(W - 1))
+def grid(options, T, C, B):
+    return triton.cdiv(T, options["L"]), triton.cdiv(C, options["BC"]), B
 
 
 class CausalConv1dFunction(torch.autograd.Function):
@@ -53,17 +52,15 @@ class CausalConv1dFunction(torch.autograd.Function):
         N = B if cu is None else cu.numel() - 1
         flags = dict(W=W, HAS_STATE=initial_state is not None, VARLEN=cu is not None)
         y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
-        options = tile_options("fwd", T, C, T)
-        grid = (triton.cdiv(T, options["BT"]), triton.cdiv(C, options["BC"]), B)
-        causal_conv1d_fwd_kernel[grid](x, weight, initial_state, y, seq_idx, cu, T, C, x.stride(0), x.stride(1),
-                                       ACTIVATION=activation, **flags, **options)
+        options = launch_options("fwd", W)
+        causal_conv1d_fwd_kernel[grid(options, T, C, B)](x, weight, initial_state, y, seq_idx, cu, T, C, x.stride(0),
+                                                         x.stride(1), ACTIVATION=activation, **flags, **options)
         final_state = None
         if output_final_state:
             final_state = torch.empty(N, C, W - 1, dtype=x.dtype if initial_state is None else initial_state.dtype,
                                       device=x.device)
             causal_conv1d_final_state_kernel[(N, triton.cdiv(C, SEQUENCE_BC))](
-                x, initial_state, final_state, cu, T, C, x.stride(0), x.stride(1), BS=state_rows(W), BC=SEQUENCE_BC,
-                **flags)
+                x, initial_state, final_state, cu, T, C, x.stride(0), x.stride(1), BC=SEQUENCE_BC, **flags)
         ctx.save_for_backward(x, weight, initial_state, seq_idx, cu)
         ctx.activation = activation
         ctx.set_materialize_grads(False)
@@ -81,24 +78,19 @@ class CausalConv1dFunction(torch.autograd.Function):
         if dht is not None:
             dht = dht.contiguous()
         flags = dict(W=W, ACTIVATION=ctx.activation, HAS_FINAL_GRAD=dht is not None, VARLEN=cu is not None)
-        options = tile_options("bwd", T, C, T + W - 1)
-        owned = options["BT"] - (W - 1)  # rows a tile writes; tiles overlap by W - 1 (conv1d_kernels.py)
-        options["TILES"] = min(options["TILES"], triton.cdiv(T, owned))
-        programs = triton.cdiv(triton.cdiv(T, owned), options["TILES"])
         dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
-        dw_partial = torch.empty(B * programs + (N if initial_state is not None else 0), W, C, dtype=torch.float32,
-                                 device=x.device)
-        grid = (programs, triton.cdiv(C, options["BC"]), B)
-        causal_conv1d_bwd_kernel[grid](x, weight, initial_state, dy, dht, dx, dw_partial, seq_idx, cu, T, C,
-                                       x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                                       BW=triton.next_power_of_2(W), HAS_STATE=initial_state is not None, **flags,
-                                       **options)
+        options = launch_options("bwd", W)
+        programs = grid(options, T, C, B)
+        dw_partial = torch.empty(B * programs[0], W, C, dtype=torch.float32, device=x.device)
+        causal_conv1d_bwd_kernel[programs](x, weight, initial_state, dy, dht, dx, dw_partial, seq_idx, cu, T, C,
+                                           x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                                           HAS_STATE=initial_state is not None, **flags, **options)
         dh0 = None
         if initial_state is not None:
             dh0 = torch.empty_like(initial_state)
             causal_conv1d_bwd_state_kernel[(N, triton.cdiv(C, SEQUENCE_BC))](
-                x, weight, initial_state, dy, dht, dh0, dw_partial, cu, T, C, x.stride(0), x.stride(1), dy.stride(0),
-                dy.stride(1), B * programs, BS=state_rows(W), BC=SEQUENCE_BC, **flags)
+                x, weight, initial_state, dy, dht, dh0, cu, T, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                BC=SEQUENCE_BC, **flags)
         dw = dw_partial.sum(0).t().to(weight.dtype).contiguous()
         return dx, dw, dh0, None, None, None
 
