@@ -57,5 +57,6 @@ def check_inputs(x, weight, initial_state, cu_seqlens, activation, backend):
                              f"got {tuple(initial_state.shape)} {initial_state.dtype}")
     devices = {t.device for t in (x, weight, initial_state, cu_seqlens) if t is not None}
     if len(devices) != 1:
-        raise ValueError(f"x, weight, initial_state and cu_seqlens must be on one device; got {sorted(map(str, devices))}")
+        raise ValueError(f"x, weight, initial_state and cu_seqlens must be on one device; "
+                         f"got {sorted(map(str, devices))}")
     return N

@@ -37,6 +37,20 @@ def sequence_of(seq_idx, cu_seqlens, b, t, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def sequence_span(cu_seqlens, n, T, VARLEN: tl.constexpr):
+    """(batch row, first token, end) of sequence n."""
+    if VARLEN:
+        b = n * 0
+        bos = tl.load(cu_seqlens + n)
+        end = tl.load(cu_seqlens + n + 1)
+    else:
+        b = n
+        bos = n * 0
+        end = n * 0 + T
+    return b, bos, end
+
+
+@triton.jit
 def input_row(x_row, h0, t, rel, n, o_c, m_c, stride_t, C, W: tl.constexpr, HAS_STATE: tl.constexpr):
     """[BC] fp32: the input at token t, at offset rel (>= 1 - W) from the start of sequence n: x there, or
     before the start the sequence's initial state [N, C, W - 1] (zero without one)."""
@@ -86,8 +100,8 @@ def silu_grad(z, dy):
 
 @triton.jit
 def causal_conv1d_fwd_kernel(x, weight, h0, y, seq_idx, cu_seqlens, T, C, stride_b, stride_t, W: tl.constexpr,
-                             L: tl.constexpr, BC: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr, ACTIVATION: tl.constexpr,
-                             HAS_STATE: tl.constexpr, VARLEN: tl.constexpr):
+                             L: tl.constexpr, BC: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
+                             ACTIVATION: tl.constexpr, HAS_STATE: tl.constexpr, VARLEN: tl.constexpr):
     i_t, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
@@ -124,14 +138,7 @@ def causal_conv1d_final_state_kernel(x, h0, ht, cu_seqlens, T, C, stride_b, stri
     n, i_c = tl.program_id(0), tl.program_id(1)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    if VARLEN:
-        b = n * 0
-        bos = tl.load(cu_seqlens + n)
-        end = tl.load(cu_seqlens + n + 1)
-    else:
-        b = n
-        bos = n * 0
-        end = n * 0 + T
+    b, bos, end = sequence_span(cu_seqlens, n, T, VARLEN)
     last = inputs_up_to(x + b.to(tl.int64) * stride_b, h0, end - 1, end - 1 - bos, n, o_c, m_c, stride_t, C, W - 1,
                         W, HAS_STATE)
     p_ht = ht + n.to(tl.int64) * C * (W - 1) + o_c * (W - 1)
@@ -142,8 +149,8 @@ def causal_conv1d_final_state_kernel(x, h0, ht, cu_seqlens, T, C, stride_b, stri
 @triton.jit
 def causal_conv1d_bwd_kernel(x, weight, h0, dy, dht, dx, dw_partial, seq_idx, cu_seqlens, T, C, stride_b, stride_t,
                              dy_stride_b, dy_stride_t, W: tl.constexpr, L: tl.constexpr, BC: tl.constexpr,
-                             AHEAD: tl.constexpr, UNROLL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_STATE: tl.constexpr,
-                             HAS_FINAL_GRAD: tl.constexpr, VARLEN: tl.constexpr):
+                             AHEAD: tl.constexpr, UNROLL: tl.constexpr, ACTIVATION: tl.constexpr,
+                             HAS_STATE: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, VARLEN: tl.constexpr):
     """dx of tokens [first, first + L), and this program's part of dw, dw_partial[program, j, c]."""
     i_t, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = i_c * BC + tl.arange(0, BC)
@@ -214,14 +221,7 @@ def causal_conv1d_bwd_state_kernel(x, weight, h0, dy, dht, dh0, cu_seqlens, T, C
     n, i_c = tl.program_id(0), tl.program_id(1)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    if VARLEN:
-        b = n * 0
-        bos = tl.load(cu_seqlens + n)
-        end = tl.load(cu_seqlens + n + 1)
-    else:
-        b = n
-        bos = n * 0
-        end = n * 0 + T
+    b, bos, end = sequence_span(cu_seqlens, n, T, VARLEN)
     x_row = x + b.to(tl.int64) * stride_b
     w = conv_weights(weight, o_c, m_c, W)
     grad = ()

@@ -45,8 +45,9 @@ def test_without_activation(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16(backend):
-    check_against_reference(backend, 2, 29, 24, 4, dtype=torch.bfloat16, tol=BF16_TOL)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(backend, dtype):
+    check_against_reference(backend, 2, 29, 24, 4, dtype=dtype, tol=BF16_TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
