@@ -78,7 +78,7 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Dat
     if not 0 <= t.warmup_steps < t.steps:
         raise ConfigError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps})")
     init_from = config.checkpoint.init_from
-    if init_from and not (Path(init_from) / "model" / "metadata.json").is_file():
+    if init_from and not checkpoint.is_checkpoint(Path(init_from)):
         raise ConfigError(f"checkpoint.init_from={init_from} is not a checkpoint folder (e.g. outputs/run/checkpoints/step_0000100)")
     files = DataFiles.resolve(d)
     out = Path(config.output_dir)
@@ -184,8 +184,8 @@ def run(config: TrainConfig, resume: bool) -> dict:
     model = build_model(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length)
     latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
     start_weights = latest or (Path(config.checkpoint.init_from) if config.checkpoint.init_from else None)
-    if start_weights is not None:
-        # Before DeepSpeed takes its fp32 master copy of the weights.
+    if latest is None and start_weights is not None:
+        # Before DeepSpeed takes its fp32 master copy of the weights (a resume sets the masters).
         checkpoint.load_model(start_weights, model)
     engine = zero.initialize(model, config, bf16, dp_size)
     tf_config.no_sync_func = partial(zero.accumulating, engine)
@@ -263,11 +263,11 @@ def run(config: TrainConfig, resume: bool) -> dict:
         engine.train()
         return sum(losses) / len(losses)
 
+    checkpointer = checkpoint.Checkpointer(ckpt_root, config.checkpoint.keep)
+
     def save() -> None:
         trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(), "layout": layout}
-        path = checkpoint.save(ckpt_root, step, engine, trainer_state, config.checkpoint.keep)
-        if rank0:
-            print(f"saved checkpoint {path}", flush=True)
+        checkpointer.save(step, engine, trainer_state)
 
     history = {"train_loss": {}, "valid_loss": {}}
     engine.train()
@@ -289,6 +289,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
             history["valid_loss"][step] = valid_loss
             if reporting:
                 metrics.validation(step, valid_loss)
+        checkpointer.poll()
         stopping = stop.agreed()
         if stopping or step == t.steps or (config.checkpoint.interval and step % config.checkpoint.interval == 0):
             save()
@@ -297,6 +298,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
             if rank0:
                 print(f"stopping at step {step} on a signal; the next run with --resume continues from here", flush=True)
             break
+    checkpointer.wait()
     metrics.close()
     if reporting:
         (out / f"history_rank{dist.get_rank()}.json").write_text(json.dumps(history, indent=1))
