@@ -2,9 +2,10 @@
 fp32 master weights and AdamW moments each rank holds, its peak memory over one bf16 training step,
 and how long a checkpoint of that state pauses training (asynchronous save) and takes to commit.
 
-    python bench/zero_state.py --model kla-0.4b            # needs 2 GPUs; spawns 1, then 2 processes
+    python bench/zero_state.py --model kla-0.4b            # 2 GPUs; spawns 1, then 2 processes
+    python bench/zero_state.py --model tiny --seq 64        # a smoke test on CPU (no memory figures)
 
-Prints a table and writes bench/results/zero_state_<model>.json.
+Prints a table and writes bench/results/zero_state_<model>_zero<stage>.json.
 """
 
 import argparse
@@ -37,6 +38,7 @@ def measure(rank: int, world_size: int, port: int, args, checkpoints: str, out: 
     from kla_megatron import build_model, named_model, transformer_config
     from pretrain import checkpoint, zero
     from pretrain.config import load_config
+    from pretrain.cpu import cuda_bookkeeping_on_cpu
     from pretrain.distributed import init_distributed, launch_env
     from pretrain.train import forward_step
 
@@ -45,7 +47,8 @@ def measure(rank: int, world_size: int, port: int, args, checkpoints: str, out: 
     init_distributed(launch_env(), 1, 1, 1)
     torch.manual_seed(0)
     model_config = named_model(args.model)
-    tf_config = transformer_config(model_config, params_dtype=torch.bfloat16)
+    cuda = torch.cuda.is_available()
+    tf_config = transformer_config(model_config, params_dtype=torch.bfloat16, use_cpu_initialization=not cuda)
     model = build_model(model_config, tf_config, args.vocab, args.seq)
     config = load_config(None, [f"parallel.zero_stage={args.zero_stage}", "training.micro_batch_size=1",
                                 f"training.global_batch_size={2 * world_size}"])
@@ -54,18 +57,19 @@ def measure(rank: int, world_size: int, port: int, args, checkpoints: str, out: 
     tokens = torch.randint(0, args.vocab, (1, args.seq + 1), generator=torch.Generator().manual_seed(rank))
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, args.seq),
              "position_ids": torch.arange(args.seq)[None]}
-    torch.cuda.reset_peak_memory_stats()
-    get_forward_backward_func()(forward_step_func=partial(forward_step, engine), data_iterator=iter([batch] * 2),
-                                model=engine.module, num_microbatches=2, seq_length=args.seq, micro_batch_size=1,
-                                forward_only=False)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with cuda_bookkeeping_on_cpu():
+        get_forward_backward_func()(forward_step_func=partial(forward_step, engine), data_iterator=iter([batch] * 2),
+                                    model=engine.module, num_microbatches=2, seq_length=args.seq, micro_batch_size=1,
+                                    forward_only=False)
     engine.step()
-    torch.cuda.synchronize()
     row = {
         "dp": world_size,
         "zero_stage": args.zero_stage,
         "optimizer": type(engine.optimizer).__name__,
         "optimizer_state_gib": zero.optimizer_state_bytes(engine) / 2**30,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
     }
     checkpointer = checkpoint.Checkpointer(Path(checkpoints), keep=1, asynchronous=True)
     started = time.perf_counter()
@@ -85,7 +89,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--checkpoint-dir", default=None, help="where the timed checkpoints go (default: the system's temp dir)")
     args = parser.parse_args()
-    if torch.cuda.device_count() < 2:
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
         print("needs 2 CUDA GPUs", file=sys.stderr)
         return 1
     rows = []
@@ -102,7 +106,7 @@ def main() -> int:
         print(f"{r['dp']:>3} {r['optimizer']:>16} {r['optimizer_state_gib']:>25.3f} {r['peak_memory_gib']:>9.2f} "
               f"{r['save_pause_s']:>13.2f} {r['save_commit_s']:>14.2f}")
     print(f"DP=2 / DP=1 optimizer state: {rows[1]['optimizer_state_gib'] / rows[0]['optimizer_state_gib']:.4f}")
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "model": args.model,
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "date": datetime.date.today().isoformat(), "model": args.model,
               "seq_length": args.seq, "vocab": args.vocab, "rows": rows}
     path = ROOT / "bench" / "results" / f"zero_state_{args.model}_zero{args.zero_stage}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -38,6 +38,7 @@ through an unpickler that builds only the checkpoint-metadata classes. No object
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 import pickle
@@ -326,22 +327,22 @@ class Checkpointer:
         self.wait()
         started = time.perf_counter()
         final = self.root / _step_name(step)
-        partial = self.root / (_step_name(step) + ".partial")
+        writing = self.root / (_step_name(step) + ".partial")
         if dist.get_rank() == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
-            (partial / "state").mkdir(parents=True)
-            (partial / "rng").mkdir()
+            shutil.rmtree(writing, ignore_errors=True)  # left by a run killed while saving
+            (writing / "state").mkdir(parents=True)
+            (writing / "rng").mkdir()
         dist.barrier()
-        torch.save(_rng_state(), partial / "rng" / f"rank_{dist.get_rank():05d}.pt")
+        torch.save(_rng_state(), writing / "rng" / f"rank_{dist.get_rank():05d}.pt")
         strategy = get_default_save_sharded_strategy()
         data_parallel = engine.seq_data_parallel_group  # the group ZeRO partitions over (data x context)
         if dist.get_world_size(data_parallel) > 1:  # each replica's writes spread over its data-parallel ranks
             strategy = FullyParallelSaveStrategyWrapper(strategy, data_parallel)
         with cuda_bookkeeping_on_cpu():
             request = dist_checkpointing.save(
-                _gathered_state(engine), str(partial / "state"), strategy, async_sharded_save=self.asynchronous
+                _gathered_state(engine), str(writing / "state"), strategy, async_sharded_save=self.asynchronous
             )
-        commit = lambda: self._commit(partial, final, trainer_state, started)  # noqa: E731
+        commit = functools.partial(self._commit, writing, final, trainer_state, started)
         if not self.asynchronous:
             commit()
             return final
@@ -365,12 +366,12 @@ class Checkpointer:
             with cuda_bookkeeping_on_cpu():
                 self._queue.maybe_finalize_async_calls(blocking=blocking)
 
-    def _commit(self, partial: Path, final: Path, trainer_state: dict, started: float) -> None:
+    def _commit(self, written: Path, final: Path, trainer_state: dict, started: float) -> None:
         if dist.get_rank() == 0:
-            (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-            _fsync_tree(partial)
+            (written / "trainer.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+            _fsync_tree(written)
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
+            os.replace(written, final)
             tmp = self.root / "latest.tmp"
             tmp.write_text(final.name + "\n")
             os.replace(tmp, self.root / "latest")
