@@ -174,7 +174,8 @@ def run(config: TrainConfig, resume: bool) -> dict:
         use_cpu_initialization=not torch.cuda.is_available(),
         recompute=t.recompute,
     )
-    model = build_model_chunks(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length, groups)
+    with cuda_bookkeeping_on_cpu():
+        model = build_model_chunks(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length, groups)
     latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
     start_weights = latest or (Path(config.checkpoint.init_from) if config.checkpoint.init_from else None)
     # Before DeepSpeed takes its fp32 master copy of the weights (a resume sets the masters from the checkpoint).
