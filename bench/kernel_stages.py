@@ -22,7 +22,8 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import make_inputs, unlock_fla_backward  # noqa: E402
+from bench.kernels import make_inputs  # noqa: E402
+from bench.peers import unlock_fla_backward  # noqa: E402
 from kernels.kla import chunk_triton  # noqa: E402
 from kernels.kla.sequences import chunk_layout  # noqa: E402
 

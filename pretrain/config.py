@@ -78,9 +78,18 @@ class TrainingSection:
 @dataclass
 class ParallelSection:
     tensor: int = 1
+    """Tensor parallelism: heads (and MLP columns) split over this many ranks."""
     pipeline: int = 1
+    """Pipeline parallelism: layers split into this many stages (megatron's 1F1B schedule)."""
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline stage; > 1 runs megatron's interleaved schedule."""
+    pipeline_layers: list = field(default_factory=list)
+    """Layers of each model chunk in layer order (pipeline x virtual_pipeline entries), for uneven splits,
+    e.g. [6, 5] for 11 layers on 2 stages; empty: an even split."""
     context: int = 1
+    """Context parallelism: every sequence split into this many contiguous slices."""
     sequence_parallel: bool = False
+    """Split the sequence between tensor-parallel ranks outside the mixers (needs tensor > 1, GPUs)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO: 1 shards optimizer states, 2 also gradients (pipeline = 1 only)."""
 

@@ -169,3 +169,37 @@ def test_tensor_parallel_2_matches_single_process(tmp_path):
         _load(model, ckpt2)
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), ref_params[name], rtol=0, atol=0, msg=name)
+
+
+def _initialized(tensor_parallel, seed):
+    from kla_megatron import transformer_config
+    from kla_megatron.init import initialize_weights
+
+    model = _build(tensor_parallel, seed=1000)  # as the trainer: one torch seed on every rank
+    initialize_weights(model, transformer_config(_model_config(), tensor_parallel=tensor_parallel), seed)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _init_worker(rank, world_size, port, out_dir):
+    torch.set_num_threads(1)
+    with megatron_world(tensor_parallel=world_size, rank=rank, world_size=world_size, port=port):
+        params = _initialized(world_size, seed=5)
+    torch.save(params, f"{out_dir}/init{rank}.pt")
+
+
+def test_same_seed_gives_the_same_model_at_any_tensor_parallel_size(tmp_path):
+    """kla_megatron.init draws every weight whole from (seed, checkpoint key): TP = 2 ranks hold exactly the
+    TP = 1 model's shards (megatron alone splits its draws by position, not by head, and on GPU draws each rank's
+    shard from that rank's stream). The mixer's own parameters are drawn per layer for all heads and sliced."""
+    with megatron_world(tensor_parallel=1):
+        full = _initialized(1, seed=5)
+        other_seed = _initialized(1, seed=6)
+    m = _model_config()
+    out_proj = full["decoder.layers.0.self_attention.out_proj.weight"]
+    assert abs(out_proj.std().item() / (m.init_std / (2 * m.num_layers) ** 0.5) - 1) < 0.05
+    assert not torch.equal(full["embedding.word_embeddings.weight"], other_seed["embedding.word_embeddings.weight"])
+    mp.spawn(_init_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        shards = torch.load(tmp_path / f"init{rank}.pt", weights_only=True)
+        for name, tensor in full.items():
+            torch.testing.assert_close(shards[name], _shard(name, tensor, rank, 2), rtol=0, atol=0, msg=name)
