@@ -1,1 +1,1 @@
-"""Pieces shared by the kernel folders: backend choice."""
+"""Pieces every op folder of kernels/ shares (argument handling, packed documents)."""

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kla import triton_compat  # noqa: F401  (interpreter fix for run-time loop bounds)
+from kernels.common import triton_compat  # noqa: F401  (interpreter fix for run-time loop bounds)
 
 BLOCK = 4096
 

@@ -9,7 +9,7 @@ Backward: [fwd_wu and fwd_h again, unless w, h, vn were kept] -> bwd_dv_local
 import torch
 import triton
 
-from . import triton_compat  # noqa: F401  (interpreter fix, see there)
+from ..common import triton_compat  # noqa: F401  (interpreter fix, see there)
 
 from .chunk_h import chunk_kla_bwd_dh_kernel, chunk_kla_fwd_h_kernel
 from .chunk_o import chunk_kla_bwd_dqkg_kernel, chunk_kla_bwd_dv_local_kernel, chunk_kla_fwd_o_kernel
