@@ -63,10 +63,8 @@ def find_step(path: Path) -> Path:
 
 
 def run_settings(step: Path, tokenizer: str = None):
-    """(ModelConfig, sequence length, tokenizer path, its TokenizerInfo, end-of-document id) of the run that saved
-    `step`."""
-    from data_prep.inputs import InputError
-    from data_prep.tokenizers import load_tokenizer_info
+    """(ModelConfig, sequence length, tokenizer path, end-of-document id or None for the tokenizer's own) of the run
+    that saved `step`."""
     from pretrain.config import ConfigError, ModelSection
 
     candidates = [step / "config.json", step.parent.parent / "config.json"]
@@ -96,11 +94,18 @@ def run_settings(step: Path, tokenizer: str = None):
     if not Path(tokenizer).is_file():
         raise ExportError(f"tokenizer {tokenizer} does not exist: run the export from the directory training ran in, "
                           f"or pass --tokenizer PATH (the tokenizer.model or tokenizer.json the run trained with)")
+    return model, data.get("seq_length", 4096), Path(tokenizer), eod_id
+
+
+def tokenizer_info(path: Path):
+    """data_prep's description of the tokenizer (vocabulary size, end-of-document id), as training read it."""
+    from data_prep.inputs import InputError
+    from data_prep.tokenizers import load_tokenizer_info
+
     try:
-        info = load_tokenizer_info(tokenizer)
+        return load_tokenizer_info(str(path))
     except InputError as error:
         raise ExportError(str(error)) from None
-    return model, data.get("seq_length", 4096), Path(tokenizer), info, info.eod_id if eod_id is None else eod_id
 
 
 @contextlib.contextmanager
@@ -236,6 +241,22 @@ def atomic_folder(output: Path, overwrite: bool):
 
 def export(checkpoint: Path, output: Path, dtype: str = None, overwrite: bool = False, tokenizer: str = None) -> Path:
     """Writes the HF folder `output` from a checkpoint (see the module docstring); returns the step exported."""
+    step = find_step(checkpoint)
+    model, seq_length, tokenizer_path, eod_id = run_settings(step, tokenizer)
+    tokenizer_info(tokenizer_path)  # a bad tokenizer stops the export before the model loads
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} already exists: pass --overwrite to replace it, or choose another --output")
+    print(f"export: {step} ({model.mixer}, {model.num_layers} layers, hidden {model.hidden_size}) -> {output}")
+    with one_process_megatron():
+        megatron = load_megatron(step, model, seq_length)
+    write_export(megatron, model, seq_length, tokenizer_path, output, dtype, overwrite, eod_id)
+    return step
+
+
+def write_export(megatron, model, seq_length: int, tokenizer: Path, output: Path, dtype: str = None,
+                 overwrite: bool = False, eod_id: int = None) -> None:
+    """Writes the HF folder of a whole megatron model (TP = PP = 1) in memory; dtype "bf16" / "fp32" (default: the
+    model's own), eod_id the end-of-document token (default: the tokenizer's eos)."""
     import torch
     from transformers import GenerationConfig
 
@@ -243,27 +264,20 @@ def export(checkpoint: Path, output: Path, dtype: str = None, overwrite: bool = 
     from kla_megatron.hf.shipped_code import write_shipped_files
     from kla_megatron.hf.tokenizer import TokenizerError, write_tokenizer
 
-    step = find_step(checkpoint)
-    model, seq_length, tokenizer_path, info, eod_id = run_settings(step, tokenizer)
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output} already exists: pass --overwrite to replace it, or choose another --output")
-    print(f"export: {step} ({model.mixer}, {model.num_layers} layers, hidden {model.hidden_size}) -> {output}")
-    with one_process_megatron():
-        megatron = load_megatron(step, model, seq_length)
+    info = tokenizer_info(tokenizer)
     rows = megatron.embedding.word_embeddings.weight.shape[0]
     if info.vocab_size > rows:
-        raise ExportError(f"tokenizer {tokenizer_path} has {info.vocab_size} tokens but the checkpoint only {rows} rows: "
+        raise ExportError(f"tokenizer {tokenizer} has {info.vocab_size} tokens but the model only {rows} rows: "
                           f"pass the tokenizer the run trained with (--tokenizer)")
     torch_dtype = getattr(torch, DTYPES[dtype]) if dtype else megatron.embedding.word_embeddings.weight.dtype
     tensors = hf_tensors(megatron, model, info.vocab_size, torch_dtype)
-    del megatron
     with atomic_folder(output, overwrite) as folder:
         try:
-            token_ids = write_tokenizer(tokenizer_path, eod_id, folder)
+            token_ids = write_tokenizer(tokenizer, info.eod_id if eod_id is None else eod_id, folder)
         except TokenizerError as error:
             raise ExportError(str(error)) from None
         config = hf_config(model, info.vocab_size, seq_length, token_ids, str(torch_dtype).removeprefix("torch."))
-        check_against_model(config, tensors, str(step))
+        check_against_model(config, tensors, str(output))
         config.save_pretrained(str(folder))
         GenerationConfig(**token_ids).save_pretrained(str(folder))
         write_weights(tensors, folder)
@@ -271,7 +285,6 @@ def export(checkpoint: Path, output: Path, dtype: str = None, overwrite: bool = 
     size = sum(t.numel() for t in tensors.values())
     print(f"export: wrote {output} ({size / 1e6:.1f}M parameters, {str(torch_dtype).removeprefix('torch.')}, "
           f"vocabulary {info.vocab_size}): AutoModelForCausalLM.from_pretrained({str(output)!r}, trust_remote_code=True)")
-    return step
 
 
 def import_hf(folder: Path, output: Path, overwrite: bool = False) -> None:
