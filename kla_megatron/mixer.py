@@ -3,6 +3,9 @@
 The math lives in `kla_megatron.mixer_math` (shared with the Hugging Face export); this module owns the
 parameters, their initialisation and checkpoint layout, and megatron's two projections around `mix`.
 
+Context parallelism (a process group of several ranks in `pg_collection.cp`) gives each rank a contiguous slice
+of every sequence; `mix` passes the conv's left context and the recurrent state between the ranks.
+
 Tensor parallelism splits heads: every head-indexed tensor (in_proj rows, conv channels, A_log,
 dt_bias, the per-head norm) holds this rank's heads only, so the mixer itself never communicates;
 in_proj (column-parallel) and out_proj (row-parallel) do, through megatron's linear layers, which
@@ -27,7 +30,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from kla_megatron.mixer_math import MixerShape, mix
+from kla_megatron.mixer_math import ContextParallelSlice, MixerShape, mix
 from kla_megatron.norms import param_device
 
 BetaMode = Literal["kaczmarz", "sigmoid"]
@@ -68,10 +71,7 @@ class KLAMixer(MegatronModule):
         self.layer_number = layer_number
         self.kernel_backend = kernel_backend
         self.keep_states = keep_states
-        if pg_collection.cp.size() > 1:
-            raise ValueError(
-                "KLAMixer has no context-parallel path yet (state passing, DESIGN.md section 3); set parallel.context=1"
-            )
+        self.cp_group = pg_collection.cp if pg_collection.cp.size() > 1 else None
         self.tp_size = pg_collection.tp.size()
         self.tp_rank = pg_collection.tp.rank()
         self.num_heads = config.linear_num_value_heads
@@ -157,10 +157,14 @@ class KLAMixer(MegatronModule):
         **unused_attention_kwargs,
     ):
         cu_seqlens = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
+        context_parallel = None
+        if self.cp_group is not None:  # packed documents say whether the first one began on an earlier rank
+            continues = getattr(packed_seq_params, "first_document_continues", True)
+            context_parallel = ContextParallelSlice(self.cp_group, continues)
         projected, _ = self.in_proj(hidden_states)  # [s, b, local width]
         y, _ = mix(projected.transpose(0, 1), self.conv_weight, self.A_log, self.dt_bias, self.norm_weight, self.shape,
-                   cu_seqlens=cu_seqlens, time_major_output=True, backend=self.kernel_backend,
-                   keep_states=self.keep_states)
+                   cu_seqlens=cu_seqlens, context_parallel=context_parallel, time_major_output=True,
+                   backend=self.kernel_backend, keep_states=self.keep_states)
         return self.out_proj(y)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, tp_group=None):

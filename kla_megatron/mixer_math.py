@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import causal_conv1d, chunk_kla, fused_recurrent_kla, rms_norm
+from kernels import causal_conv1d, chunk_kla, chunk_kla_context_parallel, conv_halo, fused_recurrent_kla, rms_norm
 
 
 def _stage(name: str):
@@ -49,6 +49,15 @@ class MixerShape:
         return 2 * self.heads * self.key_dim + self.heads * self.value_dim
 
 
+@dataclass(frozen=True)
+class ContextParallelSlice:
+    """This rank's place in a sequence split over a context-parallel group: rank r holds the r-th contiguous
+    slice. first_document_continues: whether its first (packed) document began on an earlier rank."""
+
+    group: object
+    first_document_continues: bool = True
+
+
 @dataclass
 class MixerState:
     """One layer's recurrent cache for N sequences."""
@@ -68,31 +77,47 @@ def decay_and_step(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bia
 def mix(projected: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
         norm_weight: torch.Tensor, shape: MixerShape, *, state: Optional[MixerState] = None, output_state: bool = False,
         cu_seqlens: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None,
-        time_major_output: bool = False, backend: str = "auto", keep_states: bool = True):
+        context_parallel: Optional[ContextParallelSlice] = None, time_major_output: bool = False,
+        backend: str = "auto", keep_states: bool = True):
     """The mixer between its two projections.
 
     projected [B, T, width]: the input projection, any strides with unit feature stride (megatron passes a
     transposed view of its [T, B, width] output; nothing is copied). state: the cache to continue from (None: a
     fresh start); output_state: also return the cache after the last token. cu_seqlens [N + 1] (B = 1): packed
     documents, conv and state restart at each. token_mask [B, T] (1 keep, 0 pad): padded tokens (left padding in
-    batched generation) enter neither the conv nor the state. Returns (y, new_state): y [B, T, H V] in projected's
-    dtype, or [T, B, H V] contiguous with time_major_output; new_state a MixerState or None.
+    batched generation) enter neither the conv nor the state. context_parallel: this rank holds one slice of each
+    sequence; the conv's left context and the recurrent state come from the ranks before it (no cache then).
+    Returns (y, new_state): y [B, T, H V] in projected's dtype, or [T, B, H V] contiguous with time_major_output;
+    new_state a MixerState or None.
     """
     H, K, V = shape.heads, shape.key_dim, shape.value_dim
     B, T, _ = projected.shape
     qkv, z, b, a = torch.split(projected, [shape.conv_channels, H * V, H, H], dim=-1)
     if token_mask is not None:
         qkv = qkv * token_mask[..., None].to(qkv.dtype)
+    initial_conv = None if state is None else state.conv
+    if context_parallel is not None:
+        if state is not None or output_state:
+            raise ValueError("a context-parallel slice takes its states from the other ranks, not from a cache")
+        with _stage("conv halo"):
+            qkv, initial_conv = conv_halo(qkv, conv_weight.shape[1], group=context_parallel.group, cu_seqlens=cu_seqlens,
+                                          first_document_continues=context_parallel.first_document_continues)
     with _stage("conv"):
-        qkv, conv_state = causal_conv1d(qkv, conv_weight, initial_state=None if state is None else state.conv,
-                                        output_final_state=output_state, cu_seqlens=cu_seqlens, backend=backend)
+        qkv, conv_state = causal_conv1d(qkv, conv_weight, initial_state=initial_conv, output_final_state=output_state,
+                                        cu_seqlens=cu_seqlens, backend=backend)
     q, k, v = torch.split(qkv, shape.projection_split[:3], dim=-1)
     with _stage("gates"):
         g, eta = decay_and_step(a, b, A_log, dt_bias)
     with _stage("recurrence"):
         options = dict(eps=shape.eps, beta_mode=shape.beta_mode, initial_state=None if state is None else state.recurrent,
                        output_final_state=output_state, cu_seqlens=cu_seqlens, backend=backend)
-        if T == 1 and state is not None and not torch.is_grad_enabled():  # a decoding step
+        if context_parallel is not None:
+            o = chunk_kla_context_parallel(q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V), g, eta,
+                                           group=context_parallel.group, eps=shape.eps, cu_seqlens=cu_seqlens,
+                                           first_document_continues=context_parallel.first_document_continues,
+                                           beta_mode=shape.beta_mode, backend=backend, keep_states=keep_states)
+            recurrent_state = None
+        elif T == 1 and state is not None and not torch.is_grad_enabled():  # a decoding step
             o, recurrent_state = fused_recurrent_kla(q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V),
                                                      g, eta, **options)
         else:

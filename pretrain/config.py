@@ -52,6 +52,9 @@ class DataSection:
     split: str = "99,1,0"
     """Train/valid/test split of train_prefixes, used only when valid_prefixes is empty."""
     seq_length: int = 256
+    reset_state_at_eod: bool = False
+    """Treat each EOD-terminated document of a sample as its own sequence: the conv, the recurrent state and
+    attention restart at every document start (packed documents, megatron's THD format)."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ gradients (stage 2, no pipeline) over DP x CP, where gradients are summed.
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from kernels.kla.sequences import CHUNK
 from kla_megatron.config import ModelConfig
 from pretrain.config import ConfigError, ParallelSection
 
@@ -41,7 +42,10 @@ class ParallelLayout:
         return f"TP {self.tensor}{sp} PP {self.pipeline}{vpp} CP {self.context} DP {self.data}, ZeRO-{self.zero_stage}"
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """As JSON keeps it (pipeline_layers a list)."""
+        d = asdict(self)
+        d["pipeline_layers"] = list(self.pipeline_layers) if self.pipeline_layers else None
+        return d
 
     def megatron_pipeline_layout(self):
         """megatron's pipeline_model_parallel_layout for uneven splits (None for an even split)."""
@@ -53,7 +57,7 @@ class ParallelLayout:
         return chunks
 
     @staticmethod
-    def build(p: ParallelSection, model: ModelConfig, world_size: int, cuda: bool) -> "ParallelLayout":
+    def build(p: ParallelSection, model: ModelConfig, world_size: int, cuda: bool, seq_length: int) -> "ParallelLayout":
         """The checked layout; bad combinations raise ConfigError naming the problem and a valid alternative."""
         for name in ("tensor", "pipeline", "virtual_pipeline", "context"):
             if getattr(p, name) < 1:
@@ -88,6 +92,21 @@ class ParallelLayout:
         if p.zero_stage == 2 and p.pipeline > 1:
             raise ConfigError("ZeRO stage 2 shards gradients, which DeepSpeed cannot combine with pipeline "
                               "parallelism; use parallel.zero_stage=1 with pipeline > 1")
+        if seq_length <= 0:
+            raise ConfigError(f"data.seq_length must be positive, got {seq_length}")
+        if p.context > 1:
+            if model.uses_attention:
+                raise ConfigError(f"parallel.context={p.context}: the softmax-attention layers of {model.mixer} / hybrid "
+                                  "models have no context-parallel path yet; use a KLA or GDN model, or context=1")
+            if seq_length % (p.context * CHUNK):
+                raise ConfigError(
+                    f"data.seq_length={seq_length} must split into parallel.context={p.context} slices of whole "
+                    f"{CHUNK}-token kernel chunks: choose a multiple of {p.context * CHUNK}"
+                )
+        if p.sequence_parallel and (seq_length // p.context) % p.tensor:
+            raise ConfigError(f"parallel.sequence_parallel splits each rank's {seq_length // p.context} tokens over "
+                              f"parallel.tensor={p.tensor} ranks: choose a sequence length divisible by "
+                              f"{p.tensor * p.context}")
         layers = _pipeline_layers(p, model.num_layers)
         return ParallelLayout(
             world_size=world_size, tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,

@@ -27,7 +27,7 @@ from kla_megatron.config import ModelConfig
 from pretrain import checkpoint, profiling, zero
 from pretrain.config import ConfigError, TrainConfig, load_config, save_config
 from pretrain.cpu import cuda_bookkeeping_on_cpu
-from pretrain.data import DataFiles, MicroBatches, build_datasets, load_tokenizer
+from pretrain.data import DataFiles, MicroBatches, build_datasets, load_tokenizer, model_inputs
 from pretrain.distributed import init_distributed, launch_env, shutdown
 from pretrain.layout import ParallelLayout
 from pretrain.metrics import Metrics, model_flops_per_token
@@ -39,14 +39,7 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Par
     model = config.model.resolve()
     t, d = config.training, config.data
     cuda = torch.cuda.is_available()
-    layout = ParallelLayout.build(config.parallel, model, world_size, cuda)
-    if layout.context > 1:
-        raise ConfigError("parallel.context > 1 is not available yet (context parallelism is its own issue); set parallel.context=1")
-    if d.seq_length <= 0 or d.seq_length % layout.context:
-        raise ConfigError(f"data.seq_length={d.seq_length} must be positive and divisible by parallel.context={layout.context}")
-    if layout.sequence_parallel and d.seq_length % layout.tensor:
-        raise ConfigError(f"parallel.sequence_parallel splits data.seq_length={d.seq_length} over parallel.tensor="
-                          f"{layout.tensor} ranks: choose a sequence length divisible by {layout.tensor}")
+    layout = ParallelLayout.build(config.parallel, model, world_size, cuda, d.seq_length)
     if t.global_batch_size % (t.micro_batch_size * layout.data):
         raise ConfigError(
             f"training.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size "
@@ -82,24 +75,34 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Par
     return model, layout, files
 
 
-def forward_step(engine, data_iterator, model):
+def forward_step(engine, groups, packed, data_iterator, model):
     """One micro-batch through one model chunk; megatron's schedule calls this and then backward.
 
     The schedule is handed the bare megatron chunks (it reads their config and, with pipelining, sets
     their input tensor); the forward itself goes through the DeepSpeed engine, whose output hooks
     run ZeRO's backward bookkeeping when the schedule calls torch.autograd.backward."""
     with component_range(profiling.DATA):
-        batch = next(data_iterator)
+        batch, packed_seq_params = model_inputs(next(data_iterator), packed=packed, cp_rank=groups.cp.rank(),
+                                                cp_size=groups.cp.size())
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if packed_seq_params is not None:
+            packed_seq_params.cu_seqlens_q = packed_seq_params.cu_seqlens_kv = packed_seq_params.cu_seqlens_q.to(device)
     chunk = next(i for i, c in enumerate(engine.module.chunks) if c is model)
-    per_token_loss = engine(chunk, batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return per_token_loss, partial(masked_mean, batch["loss_mask"])
+    per_token_loss = engine(chunk, batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                            packed_seq_params=packed_seq_params)
+    return per_token_loss, partial(masked_mean, batch["loss_mask"], groups.cp)
 
 
-def masked_mean(loss_mask, per_token_loss):
+def masked_mean(loss_mask, cp_group, per_token_loss):
+    """The mean loss over the whole sequence's unmasked tokens. A context-parallel rank sums its slice over the
+    whole sequence's count and scales by the CP size: ZeRO averages gradients over DP x CP, where the slices'
+    gradients must add up."""
     mask = loss_mask.float()
-    loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1)
+    count = mask.sum()
+    if cp_group.size() > 1:
+        torch.distributed.all_reduce(count, group=cp_group)
+    loss = (per_token_loss.float() * mask).sum() / count.clamp(min=1) * cp_group.size()
     # A copy: the schedule divides the returned loss in place by the micro-batch count.
     return loss, {"loss": loss.detach().clone()}
 
@@ -109,8 +112,8 @@ def mean_loss(losses: list, groups) -> float:
     if not losses:
         return 0.0
     value = torch.stack([x["loss"] for x in losses]).mean()
-    dist.all_reduce(value, group=groups.dp)
-    return value.item() / groups.dp.size()
+    dist.all_reduce(value, group=groups.dp_cp)  # CP ranks hold CP-scaled parts of each sequence's loss
+    return value.item() / groups.dp_cp.size()
 
 
 class StopSignal:
@@ -201,6 +204,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
         # Every validation reads the same eval.iters global batches.
         valid_samples=config.eval.iters * t.global_batch_size if config.eval.interval else 0,
         cache_dir=str(out / "data_cache"),
+        reset_at_eod=config.data.reset_state_at_eod,
     )
     step, consumed = 0, 0
     if latest is not None:
@@ -237,6 +241,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
         )
 
     forward_backward = get_forward_backward_func()
+    packed = config.data.reset_state_at_eod
     chunks = len(engine.module.chunks)
 
     def per_chunk(micro_batches):
@@ -245,11 +250,12 @@ def run(config: TrainConfig, resume: bool) -> dict:
 
     schedule = partial(
         forward_backward,
-        forward_step_func=partial(forward_step, engine),
+        forward_step_func=partial(forward_step, engine, groups, packed),
         model=list(engine.module.chunks),
         num_microbatches=num_microbatches,
-        seq_length=config.data.seq_length,
-        micro_batch_size=t.micro_batch_size,
+        # the activations' shape between pipeline stages: packed samples travel as one row
+        seq_length=config.data.seq_length // layout.context * (t.micro_batch_size if packed else 1),
+        micro_batch_size=1 if packed else t.micro_batch_size,
     )
 
     def validate() -> float:
@@ -262,7 +268,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
         return sum(losses) / len(losses)
 
     def save() -> None:
-        trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(), "layout": layout}
+        trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(), "layout": layout.as_dict()}
         path = checkpoint.save(ckpt_root, step, engine, trainer_state, config.checkpoint.keep)
         if rank0:
             print(f"saved checkpoint {path}", flush=True)

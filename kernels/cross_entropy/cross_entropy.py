@@ -10,7 +10,7 @@ backward writes softmax - onehot into the logits' own buffer (they are dead by t
 import torch
 import torch.distributed as dist
 
-from kernels.common.inputs import check_backend, use_triton
+from ..common.inputs import check_backend, use_triton
 
 
 def vocab_parallel_cross_entropy(logits, labels, *, group=None, backend="auto"):

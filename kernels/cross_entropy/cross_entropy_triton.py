@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import triton_compat  # noqa: F401  (interpreter fix for run-time loop bounds)
+from ..common import triton_compat  # noqa: F401  (interpreter fix, see there)
 
 BLOCK = 4096
 

@@ -9,7 +9,7 @@ output norm, gated by z). Computed in fp32, rounded once to x's dtype.
 import torch
 import torch.nn.functional as F
 
-from kernels.common.inputs import check_backend, use_triton
+from ..common.inputs import check_backend, use_triton
 
 
 def rms_norm(x, weight, eps=1e-6, *, gate=None, group_size=None, transpose_output=False, backend="auto"):

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import triton_compat  # noqa: F401  (interpreter fix for run-time loop bounds)
+from ..common import triton_compat  # noqa: F401  (interpreter fix, see there)
 
 ROW_BLOCK_ELEMENTS = 4096  # rows x padded group width per tile: [BR, BD] fp32 tiles stay in registers
 

@@ -38,7 +38,7 @@ def build(world_size: int, zero_stage: int):
 
     config = load_config(None, SETTINGS + [f"parallel.zero_stage={zero_stage}"])
     model_config = named_model("tiny")
-    groups = init_distributed(launch_env(), ParallelLayout.build(config.parallel, model_config, world_size, cuda=False))
+    groups = init_distributed(launch_env(), ParallelLayout.build(config.parallel, model_config, world_size, False, SEQ))
     torch.manual_seed(0)
     tf_config = transformer_config(model_config, use_cpu_initialization=True)
     model = build_model_chunks(model_config, tf_config, VOCAB, SEQ, groups)
@@ -64,7 +64,7 @@ def zero_worker(rank: int, world_size: int, port: int, zero_stage: int, out: str
         mine = [batches(step)[j * world_size + rank] for j in range(micro)]
         with cuda_bookkeeping_on_cpu():
             get_forward_backward_func()(
-                forward_step_func=partial(forward_step, engine), data_iterator=iter(mine),
+                forward_step_func=partial(forward_step, engine, groups, False), data_iterator=iter(mine),
                 model=list(engine.module.chunks), num_microbatches=micro, seq_length=SEQ, micro_batch_size=1,
                 forward_only=False,
             )
@@ -81,14 +81,14 @@ def reference_worker(rank: int, out: str, port: int):
     from pretrain import zero
     from pretrain.train import masked_mean
 
-    model, _, config, _ = build(1, 1)
+    model, _, config, groups = build(1, 1)
     optimizer = zero.adamw(model, config)
     norms = []
     for step in range(STEPS):
         optimizer.zero_grad()
         for b in batches(step):
             per_token = model(0, b["tokens"], b["position_ids"], None, labels=b["labels"])
-            loss, _ = masked_mean(b["loss_mask"], per_token)
+            loss, _ = masked_mean(b["loss_mask"], groups.cp, per_token)
             (loss / SAMPLES).backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
         assert norm > config.training.grad_clip, "the test must exercise clipping"
