@@ -195,13 +195,13 @@ def attention_bias(attention_mask: Optional[torch.Tensor], past: int, T: int, de
 
 
 class KLADecoderLayer(nn.Module):
-    def __init__(self, config: KLAConfig, layer_type: str, backend: str):
+    def __init__(self, config: KLAConfig, mixer: str, backend: str):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        if layer_type == "attention":
+        if mixer == "attention":
             self.mixer = Attention(config)
         else:
-            self.mixer = KLAMixer(config, BETA_MODES[layer_type], backend)
+            self.mixer = KLAMixer(config, BETA_MODES[mixer], backend)
         self.pre_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.mlp = MLP(config)
 
@@ -227,7 +227,7 @@ class KLAModel(KLAPreTrainedModel):
         super().__init__(config)
         backend = kernel_backend(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(KLADecoderLayer(config, kind, backend) for kind in config.layer_mixers)
+        self.layers = nn.ModuleList(KLADecoderLayer(config, mixer, backend) for mixer in config.layer_mixers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.post_init()
 
@@ -284,7 +284,8 @@ class KLAModel(KLAPreTrainedModel):
         if cache is not None:
             cache.seen_tokens += T
         # Positional: transformers 5 names the cache field `cache`, 4.x `past_key_values`.
-        return BaseModelOutputWithPast(x, cache, hidden_states if output_hidden_states else None)
+        out = BaseModelOutputWithPast(x, cache, hidden_states if output_hidden_states else None)
+        return out.to_tuple() if return_dict is False else out
 
 
 class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
@@ -334,4 +335,5 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         # Positional: transformers 5 names the cache field `cache`, 4.x `past_key_values`.
-        return CausalLMOutputWithPast(loss, logits, cache, out.hidden_states)
+        out = CausalLMOutputWithPast(loss, logits, cache, out.hidden_states)
+        return out.to_tuple() if return_dict is False else out
