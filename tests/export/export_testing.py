@@ -56,12 +56,16 @@ def train_tokenizer(folder: Path, model_type: str = "bpe") -> Path:
 
 
 def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """The megatron model's logits over the tokenizer's rows."""
+    """The megatron model's logits over the tokenizer's rows (computed on the GPU where there is one: megatron's RoPE
+    moves itself there), on the CPU."""
     from pretrain.cpu import cuda_bookkeeping_on_cpu
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     with torch.no_grad(), cuda_bookkeeping_on_cpu():
-        return model(ids, positions, None)[..., :VOCAB]
+        logits = model.to(device)(ids.to(device), positions.to(device), None)[..., :VOCAB].cpu()
+    model.cpu()
+    return logits
 
 
 def _save(model, folder: Path) -> None:
