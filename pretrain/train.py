@@ -61,7 +61,7 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Par
     if profile and not (len(profile) == 2 and 0 <= profile[0] < profile[1] <= t.steps):
         raise ConfigError(f"logging.profile_steps={profile} must be [first, last) with 0 <= first < last <= training.steps, e.g. [10, 13]")
     init_from = config.checkpoint.init_from
-    if init_from and not (Path(init_from) / "model" / "metadata.json").is_file():
+    if init_from and not checkpoint.is_checkpoint(Path(init_from)):
         raise ConfigError(f"checkpoint.init_from={init_from} is not a checkpoint folder (e.g. outputs/run/checkpoints/step_0000100)")
     files = DataFiles.resolve(d)
     out = Path(config.output_dir)
@@ -177,10 +177,10 @@ def run(config: TrainConfig, resume: bool) -> dict:
     model = build_model_chunks(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length, groups)
     latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
     start_weights = latest or (Path(config.checkpoint.init_from) if config.checkpoint.init_from else None)
-    # Before DeepSpeed takes its fp32 master copy of the weights.
-    if start_weights is not None:
+    # Before DeepSpeed takes its fp32 master copy of the weights (a resume sets the masters from the checkpoint).
+    if latest is None and start_weights is not None:
         checkpoint.load_model(start_weights, model)
-    else:
+    elif latest is None:
         initialize_weights(model, tf_config, t.seed)  # the same model at every parallel layout
     engine = zero.initialize(model, config, bf16, groups)
     tf_config.no_sync_func = partial(zero.accumulating, engine)
@@ -267,11 +267,11 @@ def run(config: TrainConfig, resume: bool) -> dict:
         engine.train()
         return sum(losses) / len(losses)
 
+    checkpointer = checkpoint.Checkpointer(ckpt_root, config.checkpoint.keep)
+
     def save() -> None:
         trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(), "layout": layout.as_dict()}
-        path = checkpoint.save(ckpt_root, step, engine, trainer_state, config.checkpoint.keep)
-        if rank0:
-            print(f"saved checkpoint {path}", flush=True)
+        checkpointer.save(step, engine, trainer_state)
 
     history = {"train_loss": {}, "valid_loss": {}}
     profile_steps = config.logging.profile_steps
@@ -302,6 +302,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
             history["valid_loss"][step] = valid_loss
             if reporting:
                 metrics.validation(step, valid_loss)
+        checkpointer.poll()
         stopping = stop.agreed()
         if stopping or step == t.steps or (config.checkpoint.interval and step % config.checkpoint.interval == 0):
             save()
@@ -310,6 +311,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
             if rank0:
                 print(f"stopping at step {step} on a signal; the next run with --resume continues from here", flush=True)
             break
+    checkpointer.wait()
     metrics.close()
     if reporting:
         (out / f"history_rank{dist.get_rank()}.json").write_text(json.dumps(history, indent=1))
