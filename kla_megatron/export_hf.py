@@ -4,17 +4,17 @@
     python -m kla_megatron.export_hf --from-hf outputs/tiny/hf --output outputs/tiny/imported
 
 Export: --checkpoint is a run's checkpoints folder (its newest complete checkpoint is taken) or one step_N folder,
-saved at any tensor/pipeline-parallel layout. The weights are loaded into a one-process megatron model on the CPU
-(dist_checkpointing reshards them), padded vocabulary rows are dropped, and the folder gets config.json (with
+saved at any tensor/pipeline-parallel layout. Its fp32 master weights are loaded into a one-process megatron model on
+the CPU (pretrain.checkpoint.load_model reshards them), padded vocabulary rows are dropped, and the folder gets config.json (with
 auto_map), model.safetensors (sharded past 4 GB, with its index), generation_config.json, the tokenizer
 (kla_megatron/hf/tokenizer.py) and the model's code, copied from this checkout (kla_megatron/hf/shipped_code.py). It
 loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` where only torch and transformers
 are installed. The run's settings come from the step's config.json, else the run's (OUTPUT_DIR/config.json); the
 tokenizer from the step's tokenizer/ folder, else the one the run's config names (or --tokenizer).
 
-Import (--from-hf): an exported folder becomes a step folder, model/ (dist_checkpointing, loads at any TP/PP
-layout), config.json and tokenizer/, to start a run from with `checkpoint.init_from=OUTPUT`. The padded vocabulary
-rows it adds are zero (the export dropped the trained ones).
+Import (--from-hf): an exported folder becomes a weights-only step folder, state/ (fp32 masters as training saves
+them, dist_checkpointing: loads at any TP/PP layout), config.json and tokenizer/, to start a run from with
+`checkpoint.init_from=OUTPUT`. The padded vocabulary rows it adds are zero (the export dropped the trained ones).
 
 Both write OUTPUT.partial and rename it when complete, so a killed run never leaves a folder that looks complete.
 """
@@ -39,11 +39,13 @@ class ExportError(ValueError):
 
 def find_step(path: Path) -> Path:
     """The checkpoint to export: `path` itself when it is a step folder, else the newest complete one in it."""
+    from pretrain.checkpoint import is_checkpoint
+
     if not path.exists():
         raise ExportError(f"--checkpoint {path} does not exist: give a run's checkpoints folder or one of its step_N folders")
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if (path / "model" / "metadata.json").is_file():
+    if is_checkpoint(path):
         return path
     if path.name.endswith(PARTIAL):
         raise ExportError(f"{path} is a half-written checkpoint (a run was stopped while saving it): export a complete "
@@ -51,9 +53,9 @@ def find_step(path: Path) -> Path:
     latest = path / "latest"
     if latest.is_file():
         named = path / latest.read_text().strip()
-        if (named / "model" / "metadata.json").is_file():
+        if is_checkpoint(named):
             return named
-    complete = sorted(p for p in path.glob("step_*") if (p / "model" / "metadata.json").is_file() and p.suffix != PARTIAL)
+    complete = sorted(p for p in path.glob("step_*") if is_checkpoint(p) and p.suffix != PARTIAL)
     if complete:
         return complete[-1]
     partial = sorted(p.name for p in path.glob(f"step_*{PARTIAL}"))
@@ -127,30 +129,29 @@ def one_process_megatron():
         dist.destroy_process_group()
 
 
-def build_megatron(model, vocab_rows: int, dtype, seq_length: int):
-    """The whole model (TP = PP = 1) on the CPU with `vocab_rows` embedding rows, parameters left uninitialised."""
+def build_megatron(model, vocab_rows: int, seq_length: int):
+    """The whole model (TP = PP = 1, fp32) on the CPU with `vocab_rows` embedding rows, parameters uninitialised."""
     import dataclasses
 
-    from kla_megatron import build_model, padded_vocab_size, transformer_config
+    from kla_megatron import build_model, transformer_config
 
-    if padded_vocab_size(vocab_rows, 1) != vocab_rows:
-        raise ExportError(f"the checkpoint's {vocab_rows} vocabulary rows are padded for a tensor-parallel size whose "
-                          f"padding one process cannot rebuild: export a checkpoint saved at tensor parallel <= 8")
-    config = transformer_config(model, params_dtype=dtype, use_cpu_initialization=True)
+    config = transformer_config(model, use_cpu_initialization=True)
     return build_model(model, dataclasses.replace(config, perform_initialization=False), vocab_rows, seq_length)
 
 
-def load_megatron(step: Path, model, seq_length: int):
-    from megatron.core import dist_checkpointing
+def load_megatron(step: Path, model, seq_length: int, vocab_size: int):
+    """The checkpoint's fp32 master weights in a one-process model (pretrain.checkpoint.load_model reshards them)."""
+    from kla_megatron import padded_vocab_size
+    from pretrain import checkpoint
+    from pretrain.config import ConfigError
 
-    from pretrain.cpu import cuda_bookkeeping_on_cpu
-
-    metadata = dist_checkpointing.load_tensors_metadata(str(step / "model"))
-    embedding = metadata["embedding.word_embeddings.weight"]
-    megatron = build_megatron(model, embedding.global_shape[0], embedding.dtype, seq_length)
-    with cuda_bookkeeping_on_cpu():
-        state = dist_checkpointing.load(megatron.sharded_state_dict(), str(step / "model"))
-    megatron.load_state_dict(state)
+    trainer = step / "trainer.json"
+    tensor_parallel = json.loads(trainer.read_text())["layout"]["tensor"] if trainer.is_file() else 1
+    megatron = build_megatron(model, padded_vocab_size(vocab_size, tensor_parallel), seq_length)
+    try:
+        checkpoint.load_model(step, megatron)
+    except ConfigError as error:
+        raise ExportError(f"{error}: the checkpoint does not hold the model its run config names") from None
     return megatron
 
 
@@ -243,12 +244,11 @@ def export(checkpoint: Path, output: Path, dtype: str = None, overwrite: bool = 
     """Writes the HF folder `output` from a checkpoint (see the module docstring); returns the step exported."""
     step = find_step(checkpoint)
     model, seq_length, tokenizer_path, eod_id = run_settings(step, tokenizer)
-    tokenizer_info(tokenizer_path)  # a bad tokenizer stops the export before the model loads
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists: pass --overwrite to replace it, or choose another --output")
     print(f"export: {step} ({model.mixer}, {model.num_layers} layers, hidden {model.hidden_size}) -> {output}")
     with one_process_megatron():
-        megatron = load_megatron(step, model, seq_length)
+        megatron = load_megatron(step, model, seq_length, tokenizer_info(tokenizer_path).vocab_size)
     write_export(megatron, model, seq_length, tokenizer_path, output, dtype, overwrite, eod_id)
     return step
 
@@ -290,12 +290,11 @@ def write_export(megatron, model, seq_length: int, tokenizer: Path, output: Path
 def import_hf(folder: Path, output: Path, overwrite: bool = False) -> None:
     """Writes the step folder `output` (model/, config.json, tokenizer/) from an exported HF folder."""
     import torch
-    from megatron.core import dist_checkpointing
 
     from kla_megatron import padded_vocab_size
     from kla_megatron.hf.configuration_kla import KLAConfig
     from kla_megatron.hf.convert import VOCABULARY_ROWS, hf_name, model_config, model_section
-    from pretrain.cpu import cuda_bookkeeping_on_cpu
+    from pretrain.checkpoint import save_model
 
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -316,11 +315,10 @@ def import_hf(folder: Path, output: Path, overwrite: bool = False) -> None:
     if not tokenizers:
         raise ExportError(f"{folder} holds no tokenizer.model or tokenizer.json: import a folder this export wrote")
     vocab_size = settings["vocab_size"]
-    dtype = next(iter(tensors.values())).dtype
     seq_length = settings["max_position_embeddings"]
     print(f"import: {folder} ({model.mixer}, {model.num_layers} layers, hidden {model.hidden_size}) -> {output}")
     with one_process_megatron():
-        megatron = build_megatron(model, padded_vocab_size(vocab_size, 1), dtype, seq_length)
+        megatron = build_megatron(model, padded_vocab_size(vocab_size, 1), seq_length)
         with torch.no_grad():
             for name, param in megatron.named_parameters():
                 hf = hf_name(name)
@@ -330,9 +328,7 @@ def import_hf(folder: Path, output: Path, overwrite: bool = False) -> None:
                 else:
                     param.copy_(tensors[hf])
         with atomic_folder(output, overwrite) as step:
-            (step / "model").mkdir()
-            with cuda_bookkeeping_on_cpu():
-                dist_checkpointing.save(megatron.sharded_state_dict(), str(step / "model"))
+            save_model(step, megatron)
             (step / "tokenizer").mkdir()
             for name in tokenizers + ["tokenizer_config.json", "special_tokens_map.json"]:
                 if (folder / name).is_file():
@@ -351,7 +347,7 @@ def main(argv=None) -> int:
     source.add_argument("--checkpoint", type=Path, help="a run's checkpoints folder or one step_N folder to export")
     source.add_argument("--from-hf", type=Path, metavar="FOLDER", help="an exported folder to turn back into a checkpoint")
     parser.add_argument("--output", type=Path, required=True, help="the folder to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights of the export (default: the checkpoint's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights of the export (default fp32, the checkpoint's masters)")
     parser.add_argument("--tokenizer", help="the run's tokenizer.model / tokenizer.json, when its config.json names "
                                             "one that is not there")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")

@@ -1,5 +1,5 @@
 """Shared pieces of the export tests: a SentencePiece tokenizer trained on real text as data_prep trains it; runs of
-the tiny models as python -m pretrain leaves them (checkpoints/latest, step_N/model, config.json) with the megatron
+the tiny models as python -m pretrain leaves them (checkpoints/latest, step_N/state, config.json) with the megatron
 model's logits on fixed tokens; the same checkpoint resaved at TP = 2 and at PP = 2 by spawned ranks; a Python that
 sees none of this project; transformers 4.57.3 (the last 4.x) beside this environment's torch."""
 
@@ -68,32 +68,15 @@ def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _save(model, folder: Path) -> None:
-    from megatron.core import dist_checkpointing
-
-    from pretrain.cpu import cuda_bookkeeping_on_cpu
-
-    with cuda_bookkeeping_on_cpu():
-        dist_checkpointing.save(model.sharded_state_dict(), str(folder))
-
-
-def _load(model, folder: Path) -> None:
-    from megatron.core import dist_checkpointing
-
-    from pretrain.cpu import cuda_bookkeeping_on_cpu
-
-    with cuda_bookkeeping_on_cpu():
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(folder)))
-
-
 def write_run(run: Path, model_config, tokenizer: Path, seed: int) -> torch.Tensor:
-    """A run folder with one checkpoint of random weights (norm weights too); returns the megatron logits on tokens()."""
+    """A run folder with one checkpoint of random weights (norm weights too) in training's format; returns the megatron
+    logits on tokens()."""
     from kla_megatron import build_model, transformer_config
     from kla_megatron.export_hf import one_process_megatron
     from kla_megatron.hf.convert import model_section
     from kla_megatron.init import initialize_weights
+    from pretrain import checkpoint
 
-    (run / "checkpoints" / STEP / "model").mkdir(parents=True)
     with one_process_megatron():
         config = transformer_config(model_config, use_cpu_initialization=True)
         model = build_model(model_config, config, VOCAB, SEQ)
@@ -104,7 +87,7 @@ def write_run(run: Path, model_config, tokenizer: Path, seed: int) -> torch.Tens
                 if "norm" in name:
                     param.copy_(1 + 0.3 * torch.randn(param.shape, generator=gen))
         logits = megatron_logits(model, tokens())
-        _save(model, run / "checkpoints" / STEP / "model")
+        checkpoint.save_model(run / "checkpoints" / STEP, model)
     (run / "checkpoints" / "latest").write_text(STEP + "\n")
     settings = {"model": model_section(model_config), "data": {"tokenizer": str(tokenizer), "seq_length": SEQ}}
     (run / "config.json").write_text(json.dumps(settings))
@@ -117,6 +100,7 @@ def _reshard_worker(rank: int, world_size: int, port: int, run: str, model_confi
     from megatron.core import parallel_state
 
     from kla_megatron import build_model, transformer_config
+    from pretrain import checkpoint
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -127,11 +111,8 @@ def _reshard_worker(rank: int, world_size: int, port: int, run: str, model_confi
         config = transformer_config(model_config, tensor_parallel=tensor, pipeline_parallel=pipeline,
                                     use_cpu_initialization=True)
         model = build_model(model_config, config, VOCAB, SEQ)
-        _load(model, checkpoints / STEP / "model")
-        if rank == 0:
-            (checkpoints / step / "model").mkdir(parents=True)
-        dist.barrier()
-        _save(model, checkpoints / step / "model")
+        checkpoint.load_model(checkpoints / STEP, model)
+        checkpoint.save_model(checkpoints / step, model)
         parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

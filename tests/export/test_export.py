@@ -172,8 +172,8 @@ def test_export_then_import_round_trips_bit_exact(runs, tmp_path, name):
     config = model_configs()[name]
     import_hf(folder, tmp_path / "imported")
     with one_process_megatron():
-        original = dict(load_megatron(run / "checkpoints" / STEP, config, SEQ).named_parameters())
-        imported = dict(load_megatron(tmp_path / "imported", config, SEQ).named_parameters())
+        original = dict(load_megatron(run / "checkpoints" / STEP, config, SEQ, VOCAB).named_parameters())
+        imported = dict(load_megatron(tmp_path / "imported", config, SEQ, VOCAB).named_parameters())
     assert original.keys() == imported.keys()
     for key, param in original.items():
         if param.shape[0] == 1024:  # vocabulary rows

@@ -37,7 +37,7 @@ def _error(capsys, *argv) -> str:
 def test_no_complete_checkpoint(run, tmp_path, capsys):
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(run / "checkpoints" / STEP, checkpoints / "step_0000009.partial")
-    (checkpoints / "step_0000009.partial" / "model" / "metadata.json").unlink()
+    (checkpoints / "step_0000009.partial" / "state" / "metadata.json").unlink()
     assert "no complete checkpoint (only the half-written step_0000009.partial)" in _error(
         capsys, "--checkpoint", checkpoints, "--output", tmp_path / "out")
     assert "half-written" in _error(capsys, "--checkpoint", checkpoints / "step_0000009.partial", "--output", tmp_path / "out")
