@@ -275,6 +275,17 @@ def load_model(path: Path, model: torch.nn.Module) -> None:
             sharding.data.copy_(masters[key])
 
 
+def save_model(path: Path, model: torch.nn.Module) -> None:
+    """Collective: a weights-only checkpoint in `path` (state/: the model's weights as fp32 masters, no optimizer
+    state), which load_model and checkpoint.init_from read at any layout; the Hugging Face import writes one."""
+    state = {"model": {key: _holding(s, s.data.float()) for key, s in _parameter_shardings(model).items()}}
+    if dist.get_rank() == 0:
+        (path / "state").mkdir(parents=True)
+    dist.barrier()
+    with cuda_bookkeeping_on_cpu():
+        dist_checkpointing.save(state, str(path / "state"))
+
+
 def load_training_state(path: Path, engine, load_optimizer: bool, layout: dict) -> dict:
     """Collective: into a DeepSpeed engine of any layout and ZeRO stage (before its first step), the
     fp32 masters of checkpoint `path` (the model's weights set from them), with `load_optimizer`

@@ -47,8 +47,10 @@ requeue() {
 }
 trap requeue USR1
 
+EMBEDDED_DEFAULT=
 if [ -z "${CONFIG:-}" ]; then
   CONFIG=configs/tiny.toml
+  EMBEDDED_DEFAULT=1
   OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny}
   if [ -z "${DATA_MANIFEST:-}" ]; then
     DATA_MANIFEST=$OUTPUT_DIR/data/manifest.json
@@ -78,4 +80,17 @@ else
   else
     "$PYTHON" "${TRAIN[@]}"
   fi
+fi
+
+if [ -n "$EMBEDDED_DEFAULT" ]; then
+  # The embedded default ends as a Hugging Face model folder, and continues a prompt through plain transformers.
+  "$PYTHON" -m kla_megatron.export_hf --checkpoint "$OUTPUT_DIR/checkpoints" --output "$OUTPUT_DIR/hf" --overwrite
+  "$PYTHON" - "$OUTPUT_DIR/hf" <<'SAMPLE'
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+prompt = tokenizer("def ", return_tensors="pt")
+print("== greedy sample:\n" + tokenizer.decode(model.generate(**prompt, max_new_tokens=48, do_sample=False)[0]))
+SAMPLE
 fi

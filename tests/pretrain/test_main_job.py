@@ -1,5 +1,6 @@
 """The README's main job: `bash slurm/pretrain_kla.sh` without Slurm prepares the embedded default
-corpus, trains, and leaves TensorBoard events and a checkpoint; run again, it resumes."""
+corpus, trains, leaves TensorBoard events and a checkpoint, exports it to a Hugging Face folder and prints a greedy
+sample from it; run again, it resumes."""
 
 import json
 import subprocess
@@ -28,6 +29,7 @@ def test_default_job_prepares_data_trains_and_resumes(tmp_path):
     assert losses["24"] < losses["1"] - 1.0, losses
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000024"
     assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "hf" / "model.safetensors").is_file() and "== greedy sample:\ndef " in first.stdout
 
     # Same command with more steps: the corpus is reused and training continues from step 24.
     again = run_script(out, *SHORT[1:], "training.steps=30")
