@@ -18,8 +18,9 @@ def checked(tmp_path, corpus, *overrides, world_size=1):
 
 
 def test_the_tiny_config_passes(tmp_path, tiny_corpus):
-    model, files = checked(tmp_path, tiny_corpus)
+    model, layout, files = checked(tmp_path, tiny_corpus)
     assert model.mixer == "kla" and files.train.prefixes == [tiny_corpus["train"]]
+    assert layout.describe() == "TP 1 PP 1 CP 1 DP 1, ZeRO-1"
 
 
 @pytest.mark.parametrize(
@@ -29,13 +30,21 @@ def test_the_tiny_config_passes(tmp_path, tiny_corpus):
         (["training.steps=many"], 1, "'training.steps' wants a int"),
         (["model.heads=3"], 1, "unknown model setting(s) ['heads']"),
         (["model.name=kla-9b"], 1, "unknown model 'kla-9b'"),
-        (["parallel.tensor=3"], 3, "4 heads, not divisible by parallel.tensor=3"),
+        (["parallel.tensor=3"], 3, "the model's 4 heads cannot be split over parallel.tensor=3; choose one of [1, 2, 4]"),
         (["parallel.tensor=2"], 3, "3 process(es) cannot be split into tensor=2"),
         (["parallel.pipeline=2", "parallel.zero_stage=2"], 2, "ZeRO stage 2 shards gradients"),
         (["parallel.zero_stage=3"], 1, "parallel.zero_stage must be 1 or 2"),
-        (["parallel.context=2"], 2, "parallel.context > 1 is not available yet"),
-        (["parallel.sequence_parallel=true"], 1, "sequence_parallel needs parallel.tensor > 1"),
-        (["data.seq_length=0"], 1, "data.seq_length=0 must be positive"),
+        (["parallel.context=2", "data.seq_length=192"], 2, "must split into parallel.context=2 slices of whole 64-token"),
+        (["parallel.context=2", "model.mixer=attention"], 2, "softmax-attention layers of attention / hybrid models"),
+        (["parallel.pipeline=2", "model.num_layers=3"], 2, "3 layers do not split evenly into 2 pipeline chunks; set "
+                                                            "parallel.pipeline_layers, e.g. [2, 1]"),
+        (["parallel.pipeline=2", "model.num_layers=3", "parallel.pipeline_layers=[2, 2]"], 2,
+         "parallel.pipeline_layers=[2, 2] must give 2 positive layer counts"),
+        (["parallel.virtual_pipeline=2"], 1, "interleaves pipeline stages and needs parallel.pipeline > 1"),
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "model.num_layers=4", "training.global_batch_size=8",
+          "training.micro_batch_size=8"], 2, "interleaved pipeline schedule needs a multiple of parallel.pipeline=2"),
+        (["parallel.sequence_parallel=true"], 1, "sequence_parallel splits the sequence between tensor-parallel ranks"),
+        (["data.seq_length=0"], 1, "data.seq_length must be positive, got 0"),
         (["training.global_batch_size=6", "training.micro_batch_size=4"], 1, "must be a multiple of micro_batch_size"),
         (["training.warmup_steps=500"], 1, "training.warmup_steps=500 must be in"),
         (["data.train_weights=[1.0, 2.0]"], 1, "one positive weight per prefix"),
