@@ -136,7 +136,10 @@ def print_summary(totals, groups, seconds: float):
             print(f"  kept (already complete): {', '.join(group.prefixes.values())}")
             continue
         for split, prefix in group.prefixes.items():
-            print(f"  wrote {prefix}.bin/.idx/.json ({split})")
+            documents, tokens = totals.written[prefix]
+            print(f"  wrote {prefix}.bin/.idx/.json ({split}: {documents:,} document(s), {tokens:,} tokens)")
+    for note in totals.notes:
+        print(f"  note: {note}")
     if totals.empty:
         print(f"  dropped {totals.empty:,} empty document(s)")
     for path, counts in totals.skipped.items():
