@@ -71,6 +71,34 @@ def test_corrupt_index(tmp_path, tiny_corpus):
         checked(tmp_path, tiny_corpus, f'data.train_prefixes=["{prefix}"]')
 
 
+def _empty_dataset(prefix: Path) -> str:
+    """What data_prep wrote for a validation split that drew no document (before it kept one)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16).finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def test_empty_dataset_is_named_empty(tmp_path, tiny_corpus):
+    prefix = _empty_dataset(tmp_path / "web_valid")
+    with pytest.raises(ConfigError, match=r"web_valid is empty \(0 documents\); re-run data_prep tokenize with more input"):
+        checked(tmp_path, tiny_corpus, f'data.valid_prefixes=["{prefix}"]')
+
+
+@pytest.mark.parametrize("broken", ["empty", "corrupt"])
+def test_a_bad_dataset_gets_one_line_and_no_tracebacks(tmp_path, tiny_corpus, broken):
+    if broken == "empty":
+        prefix = _empty_dataset(tmp_path / "web_valid")
+    else:
+        prefix = _copy_dataset(tiny_corpus["valid"], tmp_path / "web_valid")
+        Path(prefix + ".idx").write_bytes(b"not an index" * 10)
+    result = run_pretrain(tmp_path / "out", tiny_corpus, f'data.valid_prefixes=["{prefix}"]')
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]], result.stderr
+    assert result.stderr.startswith(f"error: dataset {'' if broken == 'empty' else 'index '}{prefix}")
+
+
 def test_truncated_bin(tmp_path, tiny_corpus):
     prefix = _copy_dataset(tiny_corpus["train"], tmp_path / "short")
     data = Path(prefix + ".bin").read_bytes()
