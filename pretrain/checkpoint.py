@@ -42,6 +42,11 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
+def saved_step(path: Path) -> int:
+    """The training step a complete checkpoint holds."""
+    return json.loads((path / "trainer.json").read_text())["step"]
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -7,11 +7,9 @@ Launch with torchrun, srun or mpiexec for several processes; alone it runs as on
 """
 
 import argparse
-import json
 import os
 import signal
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +26,9 @@ from pretrain.config import ConfigError, TrainConfig, load_config, save_config
 from pretrain.cpu import cuda_bookkeeping_on_cpu
 from pretrain.data import DataFiles, MicroBatches, build_datasets, load_tokenizer
 from pretrain.distributed import init_distributed, launch_env, shutdown
+from pretrain.history import History
 from pretrain.metrics import Metrics, model_flops_per_token
+from pretrain.run_log import log_to_file
 
 
 def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, DataFiles]:
@@ -148,7 +148,7 @@ def is_reporting_rank() -> bool:
     )
 
 
-def run(config: TrainConfig, resume: bool) -> dict:
+def run(config: TrainConfig, resume: bool) -> History:
     stop = StopSignal()  # first: a signal during start-up is honoured after the first step
     env = launch_env()
     model_config, files = check_config(config, env.world_size)
@@ -158,8 +158,16 @@ def run(config: TrainConfig, resume: bool) -> dict:
         raise ConfigError(f"{ckpt_root} already holds a checkpoint; pass --resume to continue it, or use a new output_dir")
 
     p, t = config.parallel, config.training
+    latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
+    if latest is not None and (done := checkpoint.saved_step(latest)) >= t.steps:
+        if env.rank == 0:
+            print(f"nothing to do: {latest} is step {done} and training.steps={t.steps}; raise training.steps to train further", flush=True)
+        return History()
     init_distributed(env, p.tensor, p.pipeline, p.context)
     rank0 = dist.get_rank() == 0
+    reporting = is_reporting_rank()
+    if rank0 or reporting:
+        log_to_file(out / ("train.log" if rank0 else f"train_rank{dist.get_rank()}.log"))
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
@@ -182,7 +190,6 @@ def run(config: TrainConfig, resume: bool) -> dict:
         recompute=t.recompute,
     )
     model = build_model(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length)
-    latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
     start_weights = latest or (Path(config.checkpoint.init_from) if config.checkpoint.init_from else None)
     if start_weights is not None:
         # Before DeepSpeed takes its fp32 master copy of the weights.
@@ -223,8 +230,9 @@ def run(config: TrainConfig, resume: bool) -> dict:
     elif resume and rank0:
         print(f"--resume: no checkpoint under {ckpt_root}, starting from scratch", flush=True)
     batches = MicroBatches(train_ds, t.micro_batch_size, dp_rank, dp_size, consumed)
+    history_path = out / f"history_rank{dist.get_rank()}.json"
+    history = History.resume(history_path, step) if latest is not None else History()
 
-    reporting = is_reporting_rank()
     tokens_per_step = t.global_batch_size * config.data.seq_length
     metrics = Metrics(
         out / "tb" if reporting and config.logging.tensorboard else None,
@@ -232,12 +240,14 @@ def run(config: TrainConfig, resume: bool) -> dict:
         tokens_per_step,
         model_flops_per_token(model_config, tokenizer.vocab_size, config.data.seq_length),
         env.world_size,
+        step,
     )
+    n_params = sum(x.numel() for x in model.parameters())
+    trained = f"{config.model.name} ({model_config.mixer}, {n_params / 1e6:.1f}M parameters on rank 0)"
     if rank0:
         save_config(config, out / "config.json")
-        n_params = sum(x.numel() for x in model.parameters())
         print(
-            f"training {config.model.name} ({model_config.mixer}, {n_params / 1e6:.1f}M parameters on rank 0) | "
+            f"training {trained} | "
             f"{env.world_size} process(es) ({env.launcher}): TP {p.tensor} PP {p.pipeline} CP {p.context} DP {dp_size}, "
             f"ZeRO-{p.zero_stage}, {'bf16' if bf16 else 'fp32'} on {'cuda' if torch.cuda.is_available() else 'cpu'} | "
             f"{num_microbatches} micro-batches x {t.micro_batch_size} x {config.data.seq_length} tokens per rank "
@@ -264,14 +274,15 @@ def run(config: TrainConfig, resume: bool) -> dict:
         return sum(losses) / len(losses)
 
     def save() -> None:
+        if reporting:
+            history.save(history_path)
         trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(), "layout": layout}
         path = checkpoint.save(ckpt_root, step, engine, trainer_state, config.checkpoint.keep)
         if rank0:
             print(f"saved checkpoint {path}", flush=True)
 
-    history = {"train_loss": {}, "valid_loss": {}}
     engine.train()
-    metrics.start(step)
+    metrics.start()
     while step < t.steps:
         with cuda_bookkeeping_on_cpu():
             losses = schedule(data_iterator=batches.step(num_microbatches), forward_only=False)
@@ -280,26 +291,29 @@ def run(config: TrainConfig, resume: bool) -> dict:
         step += 1
         loss = mean_loss(losses)
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        history["train_loss"][step] = loss
+        history.train_loss[step] = loss
         if reporting:
             log = step % config.logging.interval == 0 or step == t.steps
             metrics.train(step, loss, engine.optimizer.param_groups[0]["lr"], grad_norm, log)
         if valid_ds is not None and config.eval.interval and (step % config.eval.interval == 0 or step == t.steps):
             valid_loss = validate()
-            history["valid_loss"][step] = valid_loss
+            history.valid_loss[step] = valid_loss
             if reporting:
                 metrics.validation(step, valid_loss)
         stopping = stop.agreed()
         if stopping or step == t.steps or (config.checkpoint.interval and step % config.checkpoint.interval == 0):
             save()
-            metrics.start(step)  # checkpoint time is not training throughput
+            metrics.start()  # checkpoint time is not training throughput
         if stopping:
             if rank0:
                 print(f"stopping at step {step} on a signal; the next run with --resume continues from here", flush=True)
             break
     metrics.close()
     if reporting:
-        (out / f"history_rank{dist.get_rank()}.json").write_text(json.dumps(history, indent=1))
+        metrics.summary(f"{'finished' if step == t.steps else 'stopped'}: {trained}", {
+            "checkpoint": checkpoint.latest_checkpoint(ckpt_root),
+            "TensorBoard": f"tensorboard --logdir {out / 'tb'}" if config.logging.tensorboard else "off",
+            "log": out / "train.log", "loss history": history_path})
     shutdown()
     return history
 
@@ -312,11 +326,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        start = time.time()
         run(config, args.resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"done in {time.time() - start:.0f} s; TensorBoard: tensorboard --logdir {Path(config.output_dir) / 'tb'}", flush=True)
     return 0
