@@ -22,13 +22,17 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from kla_megatron import build_model, transformer_config
 from kla_megatron.config import ModelConfig
 from pretrain import checkpoint, zero
-from pretrain.config import ConfigError, TrainConfig, load_config, save_config
+from pretrain.config import ConfigError, TrainConfig, config_toml, describe_keys, load_config, save_config
 from pretrain.cpu import cuda_bookkeeping_on_cpu
 from pretrain.data import DataFiles, MicroBatches, build_datasets, load_tokenizer
 from pretrain.distributed import init_distributed, launch_env, shutdown
 from pretrain.history import History
 from pretrain.metrics import Metrics, model_flops_per_token
 from pretrain.run_log import log_to_file
+
+
+# megatron's OptimizerParamScheduler styles that need no settings of their own (WSD needs several).
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 
 
 def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, DataFiles]:
@@ -76,7 +80,13 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Dat
     if t.precision == "bf16" and not cuda:
         raise ConfigError("training.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
     if not 0 <= t.warmup_steps < t.steps:
-        raise ConfigError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps})")
+        raise ConfigError(
+            f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps}); lower it or raise training.steps"
+        )
+    if t.lr_decay_style not in LR_DECAY_STYLES:
+        raise ConfigError(f"training.lr_decay_style must be one of {', '.join(LR_DECAY_STYLES)}, got {t.lr_decay_style!r}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"training.min_lr={t.min_lr} must be in [0, training.lr={t.lr}]")
     init_from = config.checkpoint.init_from
     if init_from and not (Path(init_from) / "model" / "metadata.json").is_file():
         raise ConfigError(f"checkpoint.init_from={init_from} is not a checkpoint folder (e.g. outputs/run/checkpoints/step_0000100)")
@@ -319,13 +329,18 @@ def run(config: TrainConfig, resume: bool) -> History:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__, epilog=describe_keys(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML file (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--print-config", action="store_true", help="print the full resolved config as TOML and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.steps=200")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(config_toml(config), end="")
+            return 0
         run(config, args.resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

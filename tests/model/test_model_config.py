@@ -1,6 +1,7 @@
 """Named models, layer specs and the GPTModel they build: which mixer each layer gets, the switches
 that tell KLA from GDN, the errors a wrong configuration must raise, and causality end to end."""
 
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -124,6 +125,13 @@ def test_model_is_causal(world, name):
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a[:, :t], b[:, :t], rtol=1e-6, atol=1e-6, msg="a later token changed earlier logits")
     assert (a[:, t:] - b[:, t:]).abs().amax(-1).min() > 0, "a token did not influence every later position"
+
+
+def test_transformer_config_warns_nothing():
+    """Every run builds one; a warning here is printed by every process of every run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transformer_config(named_model("tiny"))
 
 
 def test_padded_vocab_independent_of_tp():

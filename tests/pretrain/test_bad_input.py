@@ -26,7 +26,8 @@ def test_the_tiny_config_passes(tmp_path, tiny_corpus):
     "overrides, world_size, message",
     [
         (["training.stepz=3"], 1, "unknown config key 'training.stepz'"),
-        (["training.steps=many"], 1, "'training.steps' wants a int"),
+        (["training.steps=many"], 1, "'training.steps' wants an integer, got 'many'"),
+        (["training.lr=fast"], 1, "'training.lr' wants a number, got 'fast'"),
         (["model.heads=3"], 1, "unknown model setting(s) ['heads']"),
         (["model.name=kla-9b"], 1, "unknown model 'kla-9b'"),
         (["parallel.tensor=3"], 3, "4 heads, not divisible by parallel.tensor=3"),
@@ -37,7 +38,9 @@ def test_the_tiny_config_passes(tmp_path, tiny_corpus):
         (["parallel.sequence_parallel=true"], 1, "sequence_parallel needs parallel.tensor > 1"),
         (["data.seq_length=0"], 1, "data.seq_length=0 must be positive"),
         (["training.global_batch_size=6", "training.micro_batch_size=4"], 1, "must be a multiple of micro_batch_size"),
-        (["training.warmup_steps=500"], 1, "training.warmup_steps=500 must be in"),
+        (["training.warmup_steps=500"], 1, "training.warmup_steps=500 must be in [0, training.steps=150); lower it"),
+        (["training.lr_decay_style=cosin"], 1, "training.lr_decay_style must be one of cosine, linear"),
+        (["training.min_lr=0.1"], 1, "training.min_lr=0.1 must be in [0, training.lr=0.003]"),
         (["data.train_weights=[1.0, 2.0]"], 1, "one positive weight per prefix"),
     ],
 )
