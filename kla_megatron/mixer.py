@@ -1,6 +1,6 @@
 """The KLA token mixer (and its GDN twin) as a megatron-core module, sharded by head for TP.
 
-Per layer (DESIGN.md section 1):
+Per layer (docs/design.md, section 1):
 
     q, k, v = SiLU(causal_depthwise_conv1d(W_q x, W_k x, W_v x))
     z       = W_z x;  a, b = W_a x, W_b x
@@ -97,7 +97,7 @@ class KLAMixer(MegatronModule):
         self.keep_states = keep_states
         if pg_collection.cp.size() > 1:
             raise ValueError(
-                "KLAMixer has no context-parallel path yet (state passing, DESIGN.md section 3); set parallel.context=1"
+                "KLAMixer has no context-parallel path yet (state passing, docs/design.md section 3.5); set parallel.context=1"
             )
         self.tp_size = pg_collection.tp.size()
         self.tp_rank = pg_collection.tp.rank()

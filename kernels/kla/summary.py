@@ -1,9 +1,9 @@
-"""The affine summary of a span of tokens, for context parallelism (DESIGN.md section 3).
+"""The affine summary of a span of tokens, for context parallelism (docs/design.md, section 3.5).
 
 The state recurrence is linear in the state, so a span maps its incoming state h_in [K, V] to
     h_out = transition @ h_in + zero_start_state
-with transition = prod_t alpha_t (I - eta_t kk_t kk_t^T) (K x K; DESIGN's M_r transposed, since
-states here are K x V) and zero_start_state the span's final state from zero (DESIGN's N_r^T).
+with transition = prod_t alpha_t (I - eta_t kk_t kk_t^T) (K x K; the notes' M_r transposed, since
+states here are K x V) and zero_start_state the span's final state from zero (the notes' N_r^T).
 Both come from chunk_kla itself: the transition is the final state of a run with zero values from
 the identity, so they share its kernels, varlen handling and gradients.
 """
