@@ -56,6 +56,13 @@ class ModelConfig:
     def __post_init__(self):
         if self.mixer not in ("kla", "gdn", "attention"):
             raise ValueError(f"model.mixer must be 'kla', 'gdn' or 'attention', got {self.mixer!r}")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"model.kernel_backend must be 'auto', 'torch' or 'triton', got {self.kernel_backend!r}")
+        sizes = ("num_layers", "hidden_size", "num_heads", "key_head_dim", "value_head_dim", "ffn_hidden_size",
+                 "attention_head_dim", "conv_kernel")
+        for name in sizes:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.attention_every < 0:
             raise ValueError(f"model.attention_every must be >= 0, got {self.attention_every}")
         if self.hidden_size % self.num_heads and self.mixer == "attention":

@@ -6,7 +6,8 @@ anything about this run:
   which this project does not use;
 - its checkpoint loader calls torch APIs that torch deprecates (a FutureWarning on every resume);
 - DeepSpeed warns that it chose its CPU accelerator when there is no GPU: the start-up line says
-  "on cpu" already.
+  "on cpu" already; and megatron's tensor-parallel layers give a CUDA tuning hint
+  (CUDA_DEVICE_MAX_CONNECTIONS), which means nothing without CUDA.
 """
 
 import os
@@ -20,6 +21,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, message="`load_state_d
 warnings.filterwarnings("ignore", category=FutureWarning, message="Please use DTensor instead and we are deprecating ShardedTensor")
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS")
 
 from pretrain.train import main  # noqa: E402
 

@@ -13,7 +13,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from kla_megatron.config import NAMED_MODELS, ModelConfig, named_model
 
@@ -30,12 +30,13 @@ class ModelSection:
     """Fields of ModelConfig to change, e.g. {mixer = "gdn"}; also settable as model.<field>=value."""
 
     def resolve(self) -> ModelConfig:
-        valid = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(self.overrides) - valid)
+        hints = get_type_hints(ModelConfig)
+        unknown = sorted(set(self.overrides) - set(hints))
         if unknown:
-            raise ConfigError(f"unknown model setting(s) {unknown}; valid ones: {sorted(valid)}")
+            raise ConfigError(f"unknown model setting(s) {unknown}; valid ones: {sorted(hints)}")
+        overrides = {key: _check_type(value, hints[key], f"model.{key}") for key, value in self.overrides.items()}
         try:
-            return dataclasses.replace(named_model(self.name), **self.overrides)
+            return dataclasses.replace(named_model(self.name), **overrides)
         except ValueError as e:  # an unknown name or an inconsistent shape
             raise ConfigError(str(e)) from None
 
@@ -181,6 +182,10 @@ def _check_type(value: Any, hint, path: str):
         if value is None:
             return None
         (hint,) = [t for t in get_args(hint) if t is not type(None)]
+    if get_origin(hint) is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"config key {path!r} wants one of {', '.join(map(repr, get_args(hint)))}, got {value!r}")
+        return value
     expected = get_origin(hint) or hint
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

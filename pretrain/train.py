@@ -68,6 +68,12 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Dat
         raise ConfigError("ZeRO stage 2 shards gradients, which DeepSpeed cannot do with pipeline parallelism; use zero_stage=1")
     if p.pipeline > 1 and not cuda:
         raise ConfigError("parallel.pipeline > 1 needs GPUs (megatron's pipeline send/recv is CUDA-only)")
+    if p.sequence_parallel and not cuda:
+        raise ConfigError("parallel.sequence_parallel needs GPUs (megatron's sequence parallelism forks a CUDA RNG state); set it to false")
+    if t.recompute and not cuda:
+        raise ConfigError("training.recompute needs a GPU (megatron's activation recompute saves CUDA RNG states); set it to false")
+    if model.kernel_backend == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("model.kernel_backend=triton needs a GPU (or TRITON_INTERPRET=1, slow, for tests); use auto or torch on CPU")
     if p.pipeline > 1 and model.tie_embeddings:
         raise ConfigError("tied embeddings across pipeline stages are not supported yet; set model.tie_embeddings=false")
     if t.global_batch_size % (t.micro_batch_size * dp):

@@ -4,6 +4,7 @@ process group, model or dataset exists."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.config import ConfigError, load_config
 from pretrain.train import check_config
@@ -27,6 +28,10 @@ def test_the_tiny_config_passes(tmp_path, tiny_corpus):
     [
         (["training.stepz=3"], 1, "unknown config key 'training.stepz'"),
         (["training.steps=many"], 1, "'training.steps' wants an integer, got 'many'"),
+        (["model.num_layers=two"], 1, "'model.num_layers' wants an integer, got 'two'"),
+        (["model.mixer=mamba"], 1, "'model.mixer' wants one of 'kla', 'gdn', 'attention', got 'mamba'"),
+        (["model.kernel_backend=cuda"], 1, "model.kernel_backend must be 'auto', 'torch' or 'triton'"),
+        (["model.ffn_hidden_size=0"], 1, "model.ffn_hidden_size must be positive"),
         (["training.lr=fast"], 1, "'training.lr' wants a number, got 'fast'"),
         (["model.heads=3"], 1, "unknown model setting(s) ['heads']"),
         (["model.name=kla-9b"], 1, "unknown model 'kla-9b'"),
@@ -45,6 +50,22 @@ def test_the_tiny_config_passes(tmp_path, tiny_corpus):
     ],
 )
 def test_bad_settings_are_named(tmp_path, tiny_corpus, overrides, world_size, message):
+    with pytest.raises(ConfigError) as error:
+        checked(tmp_path, tiny_corpus, *overrides, world_size=world_size)
+    assert message in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU refuses")
+@pytest.mark.parametrize(
+    "overrides, world_size, message",
+    [
+        (["parallel.tensor=2", "parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel needs GPUs"),
+        (["training.recompute=true"], 1, "training.recompute needs a GPU"),
+        (["model.kernel_backend=triton"], 1, "model.kernel_backend=triton needs a GPU (or TRITON_INTERPRET=1"),
+    ],
+)
+def test_gpu_only_settings_are_named_on_cpu(tmp_path, tiny_corpus, overrides, world_size, message, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it for the kernel tests
     with pytest.raises(ConfigError) as error:
         checked(tmp_path, tiny_corpus, *overrides, world_size=world_size)
     assert message in str(error.value)

@@ -61,5 +61,6 @@ def test_torchrun_tensor_parallel(tmp_path, tiny_corpus):
     result = launch(torchrun, tmp_path / "tp2", tiny_corpus, "parallel.tensor=2", init)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) (torchrun): TP 2 PP 1 CP 1 DP 1" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
     assert "initialised the model from" in result.stdout
     assert_close(losses(tmp_path / "tp2"), losses(tmp_path / "tp1"))
