@@ -5,7 +5,7 @@ parallel layout and precision come from the training config and are joined here 
 `transformer_config`, the one place where our settings become megatron's.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -69,6 +69,11 @@ class ModelConfig:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
             )
+
+    def architecture(self) -> dict:
+        """The fields that give trained weights their meaning; not those choosing how the same function
+        is computed (kernel_backend, kernel_keep_states) or how a new model starts (init_std)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("kernel_backend", "kernel_keep_states", "init_std")}
 
     def layer_mixer(self, layer_number: int) -> Mixer:
         """Which mixer the 1-based `layer_number` uses."""

@@ -42,9 +42,10 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
-def saved_step(path: Path) -> int:
-    """The training step a complete checkpoint holds."""
-    return json.loads((path / "trainer.json").read_text())["step"]
+def read_trainer_state(path: Path) -> dict:
+    """A complete checkpoint's trainer.json (step, data position, schedule, layout, model), readable
+    before any process group exists."""
+    return json.loads((path / "trainer.json").read_text())
 
 
 def _rng_state() -> dict:

@@ -175,10 +175,20 @@ def run(config: TrainConfig, resume: bool) -> History:
 
     p, t = config.parallel, config.training
     latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
-    if latest is not None and (done := checkpoint.saved_step(latest)) >= t.steps:
-        if env.rank == 0:
-            print(f"nothing to do: {latest} is step {done} and training.steps={t.steps}; raise training.steps to train further", flush=True)
-        return History()
+    if latest is not None:
+        saved = checkpoint.read_trainer_state(latest)
+        ours = model_config.architecture()
+        if saved.get("model", ours) != ours:  # checkpoints written before the model was recorded pass
+            changed = ", ".join(f"model.{k} {saved['model'].get(k)!r} -> {v!r}" for k, v in ours.items() if saved["model"].get(k) != v)
+            raise ConfigError(
+                f"{latest} holds another model than this run asks for ({changed}); resume with the same "
+                "model settings, or train the new model in a new output_dir"
+            )
+        if saved["step"] >= t.steps:
+            if env.rank == 0:
+                print(f"nothing to do: {latest} is step {saved['step']} and training.steps={t.steps}; "
+                      "raise training.steps to train further", flush=True)
+            return History()
     init_distributed(env, p.tensor, p.pipeline, p.context)
     rank0 = dist.get_rank() == 0
     reporting = is_reporting_rank()
@@ -292,7 +302,8 @@ def run(config: TrainConfig, resume: bool) -> History:
     def save() -> None:
         if reporting:
             history.save(history_path)
-        trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(), "layout": layout}
+        trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(), "layout": layout,
+                         "model": model_config.architecture()}
         path = checkpoint.save(ckpt_root, step, engine, trainer_state, config.checkpoint.keep)
         if rank0:
             print(f"saved checkpoint {path}", flush=True)

@@ -1,7 +1,8 @@
 """An interrupted run resumes from its last complete checkpoint and then reproduces the
 uninterrupted run's loss curve exactly: after kill -9 at any moment, and after the SIGUSR1 that
 Slurm sends before the time limit (which makes the run checkpoint and stop). The loss history and
-TensorBoard then hold the whole run, each step once; a finished run resumed again does nothing."""
+TensorBoard then hold the whole run, each step once; a finished run resumed again does nothing, and
+one resumed with another model is refused."""
 
 import json
 import signal
@@ -132,3 +133,13 @@ def test_training_loss_falls_and_tensorboard_has_the_scalars(tmp_path, tiny_corp
     assert len(events.Scalars("train/loss")) == 30
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000030"
     assert "ETA" in result.stdout
+
+
+def test_resuming_with_another_model_is_refused(uninterrupted, tiny_corpus):
+    # Same shapes, so the weights would load: without the check a KLA run would go on as GDN.
+    result = run_pretrain(uninterrupted, tiny_corpus, *STEPS, "training.steps=9", "model.mixer=gdn", resume=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {uninterrupted}/checkpoints/step_0000008 holds another model than this run asks for "
+        "(model.mixer 'kla' -> 'gdn'); resume with the same model settings, or train the new model in a new output_dir"
+    ]
