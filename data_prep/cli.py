@@ -19,6 +19,9 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"data_prep {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # an output that cannot be written, an input that cannot be read
+        print(f"data_prep {args.command}: error: cannot use {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ndata_prep {args.command}: interrupted; no partial output was left under the final names", file=sys.stderr)
         return 130

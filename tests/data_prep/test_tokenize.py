@@ -234,3 +234,18 @@ def test_one_document_cannot_be_split(tmp_path, sp_model, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the input has 1 document(s): add documents, or leave out --valid-fraction" in err[0]
     assert not list(tmp_path.glob("d_*"))
+
+
+@pytest.mark.parametrize("command", ["tokenize", "train-tokenizer", "default-corpus"])
+def test_an_output_that_cannot_be_written_gets_one_line(tmp_path, sp_model, capsys, command):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["some text"] * 3)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "out"  # under a file: not writable, even for root
+    args = {
+        "tokenize": ["--input", corpus, "--tokenizer", sp_model, "--output-prefix", out],
+        "train-tokenizer": ["--input", corpus, "--vocab-size", 100, "--output", out],
+        "default-corpus": ["--output", out],
+    }[command]
+    assert main([command, *map(str, args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"data_prep {command}: error: cannot use {tmp_path / 'a_file'}"), err
