@@ -80,6 +80,8 @@ def test_default_job_prepares_data_trains_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already built" in again.stdout
     assert "resumed from" in again.stdout and "at step 24" in again.stdout
+    assert f"note: the learning-rate schedule goes on as saved in {out}/checkpoints/step_0000024: training.steps=24 (not 30)" in again.stdout
+    assert re.search(r"step     28/30 \| loss [\d.]+ \| lr 3\.000e-04 \|", again.stdout)  # configs/tiny.toml's min_lr
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000030"
     assert sorted(json.loads((out / "history_rank0.json").read_text())["train_loss"], key=int) == [str(s) for s in range(1, 31)]
     assert "steps 25-30 of 30" in again.stdout
