@@ -53,7 +53,10 @@ class DataFiles:
             train = train or [manifest["train_prefix"]]
             valid = valid or [manifest["valid_prefix"]]
         if not tokenizer:
-            raise ConfigError("no tokenizer: set data.tokenizer (tokenizer.model or tokenizer.json) or data.manifest")
+            raise ConfigError(
+                "no data: set data.tokenizer and data.train_prefixes, or data.manifest (to try things, "
+                "`python -m data_prep default-corpus --output DIR` writes DIR/manifest.json)"
+            )
         if not Path(tokenizer).exists():
             raise ConfigError(f"tokenizer {tokenizer} does not exist; set data.tokenizer to the file data_prep used")
         if not train:

@@ -76,6 +76,11 @@ def test_missing_dataset(tmp_path, tiny_corpus):
         checked(tmp_path, tiny_corpus, f'data.train_prefixes=["{tmp_path}/nowhere"]')
 
 
+def test_no_data_says_how_to_get_some(tmp_path):
+    with pytest.raises(ConfigError, match="no data: set data.tokenizer and data.train_prefixes, or data.manifest .*default-corpus"):
+        check_config(load_config(TINY, [f'output_dir="{tmp_path}"']), 1)
+
+
 def test_missing_manifest_says_how_to_make_one(tmp_path, tiny_corpus):
     config = load_config(TINY, [f'data.manifest="{tmp_path}/data/manifest.json"', f'output_dir="{tmp_path}"'])
     with pytest.raises(ConfigError, match="run `python -m data_prep default-corpus"):
