@@ -22,12 +22,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from kla_megatron import build_model, transformer_config
 from kla_megatron.config import ModelConfig
 from pretrain import checkpoint, zero
-from pretrain.config import ConfigError, TrainConfig, TrainingSection, config_toml, describe_keys, load_config, save_config
+from pretrain.config import ConfigError, TrainConfig, config_toml, describe_keys, load_config, save_config
 from pretrain.cpu import cuda_bookkeeping_on_cpu
 from pretrain.data import DataFiles, MicroBatches, build_datasets, load_tokenizer
 from pretrain.distributed import init_distributed, launch_env, shutdown
 from pretrain.history import History
 from pretrain.metrics import Metrics, model_flops_per_token
+from pretrain.resume import check_resume
 from pretrain.run_log import log_to_file
 
 
@@ -106,26 +107,6 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Dat
     except OSError as e:
         raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose a directory you can write to") from None
     return model, files
-
-
-def check_resume(latest: Path, model: ModelConfig, t: TrainingSection) -> tuple[int, list[str]]:
-    """Before any process group: the step `latest` holds, and notes on what of this run's config it
-    keeps as saved. Refuses another model (same shapes would load, and a KLA run go on as GDN)."""
-    saved = checkpoint.read_trainer_state(latest)
-    ours = model.architecture()
-    if saved.get("model", ours) != ours:  # checkpoints written before the model was recorded pass
-        changed = ", ".join(f"model.{k} {saved['model'].get(k)!r} -> {v!r}" for k, v in ours.items() if saved["model"].get(k) != v)
-        raise ConfigError(
-            f"{latest} holds another model than this run asks for ({changed}); resume with the same "
-            "model settings, or train the new model in a new output_dir"
-        )
-    # megatron's scheduler resumes with the schedule it saved, whatever the config says now.
-    asked = {"training.lr": ("max_lr", t.lr), "training.min_lr": ("min_lr", t.min_lr), "training.steps": ("lr_decay_steps", t.steps),
-             "training.warmup_steps": ("lr_warmup_steps", t.warmup_steps), "training.lr_decay_style": ("lr_decay_style", t.lr_decay_style),
-             "training.weight_decay": ("start_wd", t.weight_decay)}
-    kept = [f"{key}={saved['scheduler'][name]} (not {value})" for key, (name, value) in asked.items() if saved["scheduler"][name] != value]
-    notes = [f"the learning-rate schedule goes on as saved in {latest}: {', '.join(kept)}"] if kept else []
-    return saved["step"], notes
 
 
 def forward_step(engine, data_iterator, model):
