@@ -22,7 +22,8 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import make_inputs, unlock_fla_backward  # noqa: E402
+from bench.kernels import make_inputs  # noqa: E402
+from bench.peers import unlock_fla_backward  # noqa: E402
 from kernels.kla import chunk_triton  # noqa: E402
 from kernels.kla.sequences import chunk_layout  # noqa: E402
 
@@ -36,9 +37,9 @@ def stage_calls(B, T, H, K, V):
     do = torch.randn_like(v)
     per_token, Ainv = s.fwd_solve()
     w, u = s.fwd_wu(per_token, Ainv)
-    h, vn, _ = s.fwd_h(per_token, w, u, None, False)
+    h, vn, _, _ = s.fwd_h(per_token, w, u, None, False)
     dv_local = s.bwd_dv_local(per_token, do)
-    dh, dvn, _ = s.bwd_dh(per_token, w, do, dv_local, None, None)
+    dh, dvn, _, _ = s.bwd_dh(per_token, w, do, dv_local, None, False)
     dq, dkk, dgc, dw = s.bwd_dqkg(per_token, h, vn, do, dh, dvn)
     return {
         "fwd_solve": lambda: s.fwd_solve(),
@@ -46,7 +47,7 @@ def stage_calls(B, T, H, K, V):
         "fwd_h": lambda: s.fwd_h(per_token, w, u, None, False),
         "fwd_o": lambda: s.fwd_o(per_token, h, vn),
         "bwd_dv_local": lambda: s.bwd_dv_local(per_token, do),
-        "bwd_dh": lambda: s.bwd_dh(per_token, w, do, dv_local, None, None),
+        "bwd_dh": lambda: s.bwd_dh(per_token, w, do, dv_local, None, False),
         "bwd_dqkg": lambda: s.bwd_dqkg(per_token, h, vn, do, dh, dvn),
         "bwd_prepare": lambda: s.bwd_prepare(per_token, Ainv, dvn, dw, dkk, dgc),
     }

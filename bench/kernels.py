@@ -27,6 +27,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import chunk_kla, fused_recurrent_kla  # noqa: E402
+from bench.peers import unlock_fla_backward  # noqa: E402
 
 BANDWIDTH = 3.0e12   # bytes/s, device-to-device copy measured on the H100 (docs/design.md, section 4)
 MATMUL = 690e12      # bf16 FLOP/s
@@ -43,13 +44,6 @@ def make_inputs(B, T, H, K, V, requires_grad=True):
     eta = torch.sigmoid(torch.randn(B, T, H, device="cuda"))
     tensors = [q, k, v, g, eta]
     return [x.requires_grad_(requires_grad) for x in tensors]
-
-
-def unlock_fla_backward():
-    """fla refuses its gated backward under Triton < 3.7.1 on Hopper (fla #640); lifted for timing only,
-    its values are not used."""
-    import fla.ops.common.chunk_o
-    fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True
 
 
 def ours(q, k, v, g, eta):

@@ -24,7 +24,8 @@ import torch
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import fla_kla, make_inputs, unlock_fla_backward  # noqa: E402
+from bench.kernels import fla_kla, make_inputs  # noqa: E402
+from bench.peers import unlock_fla_backward  # noqa: E402
 from kernels import chunk_kla, naive_recurrent_kla  # noqa: E402
 from kernels.kla import chunk_triton  # noqa: E402
 

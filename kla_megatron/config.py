@@ -135,13 +135,16 @@ def transformer_config(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    virtual_pipeline: int = 1,
+    pipeline_layout=None,
     context_parallel: int = 1,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: bool = False,
     recompute: bool = False,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig for `model` under the given parallel layout and precision."""
+    """Megatron's TransformerConfig for `model` under the given parallel layout and precision.
+    pipeline_layout: megatron's per-chunk layer layout for uneven pipeline splits (None: even)."""
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -155,7 +158,8 @@ def transformer_config(
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
+        # megatron's fused SwiGLU (torch.compile) where the model lives on a GPU; plain ops on CPU.
+        bias_activation_fusion=not use_cpu_initialization and torch.cuda.is_available(),
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -169,11 +173,16 @@ def transformer_config(
         linear_num_value_heads=model.num_heads,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
+        pipeline_model_parallel_layout=pipeline_layout,
+        pipeline_dtype=params_dtype,
         context_parallel_size=context_parallel,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=use_cpu_initialization,
+        # Checkpoint each layer under its own key (layers.N.*), as hybrid models need: their layers differ.
+        hetereogenous_dist_checkpoint=True,
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,

@@ -1,12 +1,10 @@
 """The KLA token mixer (and its GDN twin) as a megatron-core module, sharded by head for TP.
 
-Per layer (docs/design.md, section 1):
+The math lives in `kla_megatron.mixer_math` (shared with the Hugging Face export); this module owns the
+parameters, their initialisation and checkpoint layout, and megatron's two projections around `mix`.
 
-    q, k, v = SiLU(causal_depthwise_conv1d(W_q x, W_k x, W_v x))
-    z       = W_z x;  a, b = W_a x, W_b x
-    g       = -exp(A_log) * softplus(a + dt_bias);  eta = sigmoid(b)
-    o       = chunk_kla(q, k, v, g, eta)            # q L2-normalised, beta = eta / (||k||^2 + eps)
-    y       = W_o [RMSNorm_per_head(o) * SiLU(z)]
+Context parallelism (a process group of several ranks in `pg_collection.cp`) gives each rank a contiguous slice
+of every sequence; `mix` passes the conv's left context and the recurrent state between the ranks.
 
 Tensor parallelism splits heads: every head-indexed tensor (in_proj rows, conv channels, A_log,
 dt_bias, the per-head norm) holds this rank's heads only, so the mixer itself never communicates;
@@ -19,7 +17,6 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.gated_delta_net import _split_tensor_factory
@@ -33,8 +30,8 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from kernels import chunk_kla
-from kla_megatron.norms import param_device, rms_norm
+from kla_megatron.mixer_math import ContextParallelSlice, MixerShape, mix
+from kla_megatron.norms import param_device
 
 BetaMode = Literal["kaczmarz", "sigmoid"]
 
@@ -43,25 +40,6 @@ BetaMode = Literal["kaczmarz", "sigmoid"]
 class KLAMixerSubmodules:
     in_proj: Union[ModuleSpec, type]
     out_proj: Union[ModuleSpec, type]
-
-
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None):
-    """Depthwise causal convolution over time. x [B, T, C], weight [C, W]; out[t] = sum_j w[:, j] x[t-W+1+j].
-
-    With `cu_seqlens` (B = 1, packed documents) a tap never reaches back across a document start.
-    """
-    width = weight.shape[1]
-    out = x * weight[:, width - 1]
-    if cu_seqlens is not None:
-        positions = torch.arange(x.shape[1], device=x.device)
-        doc_start = cu_seqlens[torch.searchsorted(cu_seqlens, positions, right=True) - 1]
-        offset_in_doc = (positions - doc_start)[None, :, None]
-    for shift in range(1, width):
-        shifted = F.pad(x, (0, 0, shift, 0))[:, : x.shape[1]]
-        if cu_seqlens is not None:
-            shifted = shifted * (offset_in_doc >= shift)
-        out = out + shifted * weight[:, width - 1 - shift]
-    return out
 
 
 class KLAMixer(MegatronModule):
@@ -91,14 +69,9 @@ class KLAMixer(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.layer_number = layer_number
-        self.beta_mode = beta_mode
-        self.eps = eps
         self.kernel_backend = kernel_backend
         self.keep_states = keep_states
-        if pg_collection.cp.size() > 1:
-            raise ValueError(
-                "KLAMixer has no context-parallel path yet (state passing, docs/design.md section 3.5); set parallel.context=1"
-            )
+        self.cp_group = pg_collection.cp if pg_collection.cp.size() > 1 else None
         self.tp_size = pg_collection.tp.size()
         self.tp_rank = pg_collection.tp.rank()
         self.num_heads = config.linear_num_value_heads
@@ -110,10 +83,11 @@ class KLAMixer(MegatronModule):
                 f"choose a tensor-parallel size that divides {self.num_heads}"
             )
         self.local_heads = self.num_heads // self.tp_size
-        H, K, V = self.local_heads, self.key_dim, self.value_dim
+        self.shape = MixerShape(self.local_heads, self.key_dim, self.value_dim, beta_mode, eps, config.layernorm_epsilon)
         # Local widths of [q | k | v | z | b | a]: the layout of this rank's in_proj rows.
-        self.in_proj_split = [H * K, H * K, H * V, H * V, H, H]
-        self.conv_channels = 2 * H * K + H * V
+        self.in_proj_split = self.shape.projection_split
+        self.conv_channels = self.shape.conv_channels
+        H, V = self.local_heads, self.value_dim
 
         self.in_proj = build_module(
             submodules.in_proj,
@@ -182,36 +156,16 @@ class KLAMixer(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
         **unused_attention_kwargs,
     ):
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            cu_seqlens = packed_seq_params.cu_seqlens_q
+        cu_seqlens = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
+        context_parallel = None
+        if self.cp_group is not None:  # packed documents say whether the first one began on an earlier rank
+            continues = getattr(packed_seq_params, "first_document_continues", True)
+            context_parallel = ContextParallelSlice(self.cp_group, continues)
         projected, _ = self.in_proj(hidden_states)  # [s, b, local width]
-        projected = projected.transpose(0, 1)  # [b, s, ...]: the kernels' layout
-        batch, seq = projected.shape[:2]
-        qkv, z, b, a = torch.split(
-            projected, [self.conv_channels, self.in_proj_split[3], self.local_heads, self.local_heads], dim=-1
-        )
-        qkv = F.silu(causal_conv1d(qkv, self.conv_weight, cu_seqlens))
-        H, K, V = self.local_heads, self.key_dim, self.value_dim
-        q, k, v = torch.split(qkv, self.in_proj_split[:3], dim=-1)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        eta = torch.sigmoid(b.float())
-        o, _ = chunk_kla(
-            q.reshape(batch, seq, H, K),
-            k.reshape(batch, seq, H, K),
-            v.reshape(batch, seq, H, V),
-            g,
-            eta,
-            eps=self.eps,
-            beta_mode=self.beta_mode,
-            cu_seqlens=cu_seqlens,
-            backend=self.kernel_backend,
-            keep_states=self.keep_states,
-        )
-        o = rms_norm(o, self.norm_weight, self.config.layernorm_epsilon)
-        o = o * F.silu(z.reshape(batch, seq, H, V).float()).to(o.dtype)
-        out, out_bias = self.out_proj(o.reshape(batch, seq, H * V).transpose(0, 1).contiguous())
-        return out, out_bias
+        y, _ = mix(projected.transpose(0, 1), self.conv_weight, self.A_log, self.dt_bias, self.norm_weight, self.shape,
+                   cu_seqlens=cu_seqlens, context_parallel=context_parallel, time_major_output=True,
+                   backend=self.kernel_backend, keep_states=self.keep_states)
+        return self.out_proj(y)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, tp_group=None):
         """Checkpoint layout independent of the TP size: each head-indexed tensor is stored whole,

@@ -1,4 +1,4 @@
-"""RMSNorm for megatron layer specs, sequence-parallel aware, on CPU and GPU alike.
+"""RMSNorm for megatron layer specs, sequence-parallel aware, on CPU and GPU alike, on our fused kernel.
 
 Megatron's own torch-backed norm refuses sequence parallelism and its fused ones need Apex or
 Transformer Engine, which the project does not depend on.
@@ -8,12 +8,7 @@ import torch
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.transformer import TransformerConfig
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x / rms(x) * weight over the last dim, computed in fp32, returned in x's dtype."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+from kernels import rms_norm
 
 
 def param_device(config: TransformerConfig) -> torch.device:
@@ -40,4 +35,4 @@ class RMSNorm(torch.nn.Module):
             # Each tensor-parallel rank normalises a different slice of the sequence, so the weight's
             # gradient is the sum over ranks: identity forward, all-reduce backward.
             weight = copy_to_tensor_model_parallel_region(weight)
-        return rms_norm(x, weight, self.eps)
+        return rms_norm(x, weight, self.eps)  # x [s, b, h]: fused Triton kernel on GPU, PyTorch on CPU

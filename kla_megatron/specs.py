@@ -7,7 +7,6 @@ hybrid and transformer models differ only in the `self_attention` entry of each 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -20,6 +19,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from kla_megatron.attention import FlashSelfAttention
 from kla_megatron.config import Mixer, ModelConfig
 from kla_megatron.mixer import KLAMixer, KLAMixerSubmodules
 from kla_megatron.norms import RMSNorm
@@ -34,7 +34,7 @@ def mixer_spec(mixer: Mixer, model: ModelConfig) -> ModuleSpec:
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(
                 linear_qkv=ColumnParallelLinear,
-                core_attention=DotProductAttention,
+                core_attention=FlashSelfAttention,
                 linear_proj=RowParallelLinear,
                 q_layernorm=IdentityOp,
                 k_layernorm=IdentityOp,

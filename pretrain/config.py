@@ -59,6 +59,9 @@ class DataSection:
     """Train/valid/test split of train_prefixes, used only when valid_prefixes is empty."""
     seq_length: int = 256
     """Tokens per sample (documents are packed across sample boundaries)."""
+    reset_state_at_eod: bool = False
+    """Treat each EOD-terminated document of a sample as its own sequence: the conv, the recurrent state and
+    attention restart at every document start (packed documents, megatron's THD format)."""
 
 
 @dataclass
@@ -94,13 +97,18 @@ class TrainingSection:
 @dataclass
 class ParallelSection:
     tensor: int = 1
-    """Tensor-parallel ranks: the heads of every layer are split over them."""
+    """Tensor parallelism: heads (and MLP columns) split over this many ranks."""
     pipeline: int = 1
-    """Pipeline stages (GPUs only); the layers are split evenly over them."""
+    """Pipeline parallelism: layers split into this many stages (megatron's 1F1B schedule)."""
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline stage; > 1 runs megatron's interleaved schedule."""
+    pipeline_layers: list = field(default_factory=list)
+    """Layers of each model chunk in layer order (pipeline x virtual_pipeline entries), for uneven splits,
+    e.g. [6, 5] for 11 layers on 2 stages; empty: an even split."""
     context: int = 1
-    """Context-parallel ranks (not available yet: 1)."""
+    """Context parallelism: every sequence split into this many contiguous slices."""
     sequence_parallel: bool = False
-    """Shard activations along the sequence between tensor-parallel ranks (GPUs, tensor > 1)."""
+    """Split the sequence between tensor-parallel ranks outside the mixers (needs tensor > 1, GPUs)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO: 1 shards optimizer states, 2 also gradients (pipeline = 1 only)."""
 
@@ -132,6 +140,9 @@ class LoggingSection:
     """Print a console line every N steps (TensorBoard gets every step)."""
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tb."""
+    profile_steps: list = field(default_factory=list)
+    """[first, last): profile these steps with torch.profiler and write the GPU time per model component to
+    output_dir/profile/step_profile.json (e.g. [10, 13]); empty: no profiling."""
 
 
 @dataclass

@@ -16,7 +16,10 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tokenizers import MegatronTokenizer
+
+from kernels import local_documents
 
 from pretrain.config import ConfigError, DataSection
 
@@ -147,8 +150,10 @@ def load_tokenizer(path: str):
     return MegatronTokenizer.from_pretrained(target, metadata_path={"library": library})
 
 
-def build_datasets(files: DataFiles, tokenizer, seq_length: int, seed: int, train_samples: int, valid_samples: int, cache_dir: str):
-    """(train, valid) GPTDatasets; valid is None when there are no validation samples to build."""
+def build_datasets(files: DataFiles, tokenizer, seq_length: int, seed: int, train_samples: int, valid_samples: int,
+                   cache_dir: str, reset_at_eod: bool = False):
+    """(train, valid) GPTDatasets; valid is None when there are no validation samples to build. reset_at_eod:
+    position ids restart after every EOD token (model_inputs reads document starts from them)."""
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -157,7 +162,7 @@ def build_datasets(files: DataFiles, tokenizer, seq_length: int, seed: int, trai
         split=None if files.valid else files.split,
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
-        reset_position_ids=False,
+        reset_position_ids=reset_at_eod,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
@@ -193,3 +198,38 @@ class MicroBatches:
     def _batch(self, first: int) -> dict:
         samples = [self.dataset[(first + i) % len(self.dataset)] for i in range(self.micro_batch_size)]
         return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+@dataclass
+class SlicePackedSeqParams(PackedSeqParams):
+    """megatron's packed-sequence parameters (THD) of one context-parallel slice: the documents' local offsets
+    and whether the first one began on an earlier rank (the KLA mixer then receives its state)."""
+
+    first_document_continues: bool = False
+
+
+def model_inputs(batch: dict, *, packed: bool, cp_rank: int = 0, cp_size: int = 1):
+    """A micro-batch of whole samples (tokens, labels, loss_mask, position_ids: [b, s], on the host) ->
+    (this rank's inputs, packed_seq_params or None).
+
+    packed: documents end at EOD (the dataset restarts position ids after it); the samples are laid along one
+    row with their document offsets (megatron's THD format), so no conv tap, recurrent state or attention
+    crosses a document start. Context parallelism keeps the rank's contiguous slice of every sample (of the
+    one packed row), cut before anything reaches the GPU."""
+    if not packed:
+        if cp_size == 1:
+            return batch, None
+        s = batch["tokens"].shape[1] // cp_size
+        return {k: v[:, cp_rank * s:(cp_rank + 1) * s] for k, v in batch.items()}, None
+    flat = {k: v.reshape(1, -1) for k, v in batch.items()}
+    total = flat["tokens"].shape[1]
+    starts = (flat["position_ids"][0] == 0).nonzero()[:, 0].tolist()
+    offsets = starts + [total]
+    start, end = cp_rank * total // cp_size, (cp_rank + 1) * total // cp_size
+    if cp_size > 1:
+        flat = {k: v[:, start:end] for k, v in flat.items()}
+    cu_seqlens, continues = local_documents(offsets, start, end)
+    longest = int(torch.diff(cu_seqlens).max())
+    params = SlicePackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                  max_seqlen_q=longest, max_seqlen_kv=longest, first_document_continues=continues)
+    return flat, params

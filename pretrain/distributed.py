@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 @dataclass(frozen=True)
@@ -75,16 +76,20 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(rank, world, local, addr, port, launcher)
 
 
-def init_distributed(env: LaunchEnv, tensor: int, pipeline: int, context: int) -> None:
-    """torch.distributed (NCCL on GPU, gloo on CPU) and megatron's TP/PP/CP/DP groups."""
+def init_distributed(env: LaunchEnv, layout) -> ProcessGroupCollection:
+    """torch.distributed (NCCL on GPU, gloo on CPU) and megatron's TP/PP/CP/DP groups for `layout`
+    (a pretrain.layout.ParallelLayout); returns them as megatron's ProcessGroupCollection, which the model,
+    the optimizer, the data and the checkpoints are handed."""
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=env.rank, world_size=env.world_size)
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor,
-        pipeline_model_parallel_size=pipeline,
-        context_parallel_size=context,
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline if layout.virtual_pipeline > 1 else None,
+        context_parallel_size=layout.context,
     )
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def shutdown() -> None:

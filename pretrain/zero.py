@@ -2,64 +2,82 @@
 
 Three things join the two libraries:
 
-* `MegatronMPU` answers DeepSpeed's mpu questions from megatron's parallel_state, whose names differ
+* `MegatronMPU` answers DeepSpeed's mpu questions from megatron's process groups, whose names differ
   (0.16 has no get_model_parallel_rank/world_size).
 * Megatron's schedules call torch.autograd.backward themselves, not engine.backward. DeepSpeed
   (>= 0.17) hooks the output of engine.forward, so a plain backward still runs its prologue and
-  epilogue; what it cannot know is which micro-batch ends the step. `accumulation_boundary` is
-  megatron's `no_sync_func`: every micro-batch inside it is marked "not a boundary", and the last
-  one, which megatron runs outside, is the boundary where ZeRO reduces gradients.
+  epilogue; what it cannot know is which micro-batch ends the step. `accumulating` is megatron's
+  `no_sync_func`: every micro-batch inside it is marked "not a boundary", and the last one, which
+  megatron runs outside, is the boundary (ZeRO-2 reduces gradient buckets in its backward).
 * Megatron already divides each micro-batch's loss by the micro-batch count, so DeepSpeed's own
   accumulation steps stay at 1 (it would divide again) and the boundary is set explicitly.
+* Under ZeRO-1 the end-of-backward reduction is off; `finish_gradients` reduces once per step, after
+  megatron's own gradient finalisation (tied embeddings across pipeline stages).
 """
 
 from contextlib import contextmanager
 
 import deepspeed
 import torch
-from megatron.core import parallel_state
+from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
 
 from pretrain.config import TrainConfig
 
 
 class MegatronMPU:
-    """DeepSpeed's mpu interface over megatron's parallel_state.
+    """DeepSpeed's mpu interface over megatron's process groups (handed in, not looked up).
 
     DeepSpeed all-reduces the gradient norm over the model-parallel group and counts a parameter
     that is not tensor-parallel only on model-parallel rank 0. The group is megatron's TP x PP (each
     pipeline stage holds other parameters); the rank is the TP rank, so a parameter replicated over
-    TP is counted once on every pipeline stage.
+    TP is counted once on every pipeline stage. Gradients of context-parallel ranks are summed with
+    data parallelism (megatron's dp-cp group): ZeRO shards and reduces over DP x CP.
     """
 
+    def __init__(self, groups):
+        self.groups = groups
+
     def get_model_parallel_group(self):
-        return parallel_state.get_model_parallel_group()
+        return self.groups.mp
 
     def get_model_parallel_rank(self):
-        return parallel_state.get_tensor_model_parallel_rank()
+        return self.groups.tp.rank()
 
     def get_model_parallel_world_size(self):
-        return parallel_state.get_tensor_model_parallel_world_size()
+        return self.groups.tp.size()
 
-    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
-    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
-    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
-    get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
-    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
-    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
-    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    def get_tensor_model_parallel_group(self):
+        return self.groups.tp
 
-    # Gradients of context-parallel ranks are summed with data parallelism (megatron's dp-cp group).
+    def get_tensor_model_parallel_rank(self):
+        return self.groups.tp.rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.groups.tp.size()
+
+    def get_tensor_model_parallel_src_rank(self):
+        return torch.distributed.get_global_rank(self.groups.tp, 0)
+
+    def get_pipeline_model_parallel_group(self):
+        return self.groups.pp
+
+    def get_pipeline_model_parallel_rank(self):
+        return self.groups.pp.rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self.groups.pp.size()
+
     def get_data_parallel_group(self):
-        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+        return self.groups.dp_cp
 
     def get_data_parallel_rank(self):
-        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        return self.groups.dp_cp.rank()
 
     def get_data_parallel_world_size(self):
-        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        return self.groups.dp_cp.size()
 
     def get_data_parallel_group_ranks(self):
-        return parallel_state.get_data_parallel_global_ranks(with_context_parallel=True)
+        return torch.distributed.get_process_group_ranks(self.groups.dp_cp)
 
 
 def _uses_weight_decay(param: torch.nn.Parameter) -> bool:
@@ -101,16 +119,42 @@ def deepspeed_config(config: TrainConfig, bf16: bool, data_parallel: int) -> dic
     }
 
 
-def initialize(model: torch.nn.Module, config: TrainConfig, bf16: bool, data_parallel: int):
-    """The DeepSpeed engine around `model`, with ZeRO over megatron's data-parallel group."""
+def initialize(model: torch.nn.Module, config: TrainConfig, bf16: bool, groups):
+    """The DeepSpeed engine around `model` (kla_megatron.ModelChunks), with ZeRO over megatron's DP x CP group.
+
+    Under ZeRO-1 the engine does not reduce gradients at the end of a backward: megatron's pipeline schedules
+    run the stages' last backward at different times, and the tied-embedding gradient must be summed over the
+    first and last stage before ZeRO reads it; `finish_gradients` does both, once per step. ZeRO-2 (no pipeline)
+    reduces gradient buckets inside every backward, as DeepSpeed does it."""
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=adamw(model, config),
-        config=deepspeed_config(config, bf16, data_parallel),
-        mpu=MegatronMPU(),
+        config=deepspeed_config(config, bf16, groups.dp_cp.size()),
+        mpu=MegatronMPU(groups),
         dist_init_required=False,
     )
+    engine.enable_backward_allreduce = engine.zero_optimization_partition_gradients()
     return engine
+
+
+def finish_gradients(engine, groups) -> None:
+    """After the step's last backward: megatron's gradient finalisation that DeepSpeed knows nothing of (the
+    word embedding tied to the output layer, summed over the first and last pipeline stage), then ZeRO's
+    reduction over DP x CP. Sequence-parallel norm weights need nothing here: their gradient is summed over
+    TP inside the backward (kla_megatron.norms)."""
+    if groups.embd is not None and groups.embd.size() > 1 and torch.distributed.get_rank() in \
+            torch.distributed.get_process_group_ranks(groups.embd):
+        chunks = engine.module.chunks
+        holder = chunks[0] if chunks[0].pre_process else chunks[-1]
+        weight = holder.shared_embedding_or_output_weight()
+        grad = safe_get_full_grad(weight)
+        torch.distributed.all_reduce(grad, group=groups.embd)
+        if getattr(weight, "_hp_grad", None) is not None:  # BF16_Optimizer's fp32 accumulation buffer
+            weight.set_full_hp_grad(grad)
+        else:
+            safe_set_full_grad(weight, grad)
+    if not engine.enable_backward_allreduce:
+        engine.allreduce_gradients()
 
 
 @contextmanager

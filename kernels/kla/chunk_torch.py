@@ -15,7 +15,8 @@ Every exponent is <= 0, so nothing overflows. The Triton kernels compute the sam
 import torch
 import torch.nn.functional as F
 
-from .inputs import normalized_queries, sequence_bounds, unit_keys_and_values
+from ..common.inputs import sequence_bounds
+from .inputs import normalized_queries, unit_keys_and_values
 
 CHUNK = 64
 

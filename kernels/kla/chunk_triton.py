@@ -4,14 +4,18 @@ Forward:  fwd_solve (gc, rk, rq, Ainv; kept) -> fwd_wu (w, u) -> fwd_h (h per ch
 Backward: [fwd_wu and fwd_h again, unless w, h, vn were kept] -> bwd_dv_local
           -> bwd_dh (dh per chunk, dvn, dh0) -> bwd_dqkg (dq, partial dkk/dgc, dw) -> bwd_prepare (dk, dv,
           deta, dg).
+fwd_h and bwd_dh can also walk the transitions of some documents, which apply_state turns into the states
+from any incoming state (or final-state gradient): context parallelism is built on these (spans.py).
 """
+
+from dataclasses import dataclass
 
 import torch
 import triton
 
-from . import triton_compat  # noqa: F401  (interpreter fix, see there)
+from ..common import triton_compat  # noqa: F401  (interpreter fix, see there)
 
-from .chunk_h import chunk_kla_bwd_dh_kernel, chunk_kla_fwd_h_kernel
+from .chunk_h import chunk_kla_apply_state_kernel, chunk_kla_bwd_dh_kernel, chunk_kla_fwd_h_kernel
 from .chunk_o import chunk_kla_bwd_dqkg_kernel, chunk_kla_bwd_dv_local_kernel, chunk_kla_fwd_o_kernel
 from .chunk_prepare import chunk_kla_bwd_prepare_kernel, chunk_kla_fwd_solve_kernel, chunk_kla_fwd_wu_kernel
 from .sequences import CHUNK, chunk_layout
@@ -38,7 +42,9 @@ LAUNCH = {
     "bwd_dh": dict(num_warps=4, num_stages=3, BV=64),
     "bwd_dqkg": dict(num_warps=8, num_stages=3, BV=64),
     "bwd_prepare": dict(num_warps=4, num_stages=3, BV=64),
+    "apply_state": dict(num_warps=4, num_stages=2, BV=64),
 }
+APPLY_STATE_KEY_BLOCK = 32  # the contraction block of apply_state: a [K, 32] slice of a transition at a time
 
 
 def launch_options(stage, K, V, element_size):
@@ -56,15 +62,28 @@ def key_block(K):
     return max(16, triton.next_power_of_2(K))
 
 
-def state_block_v(stage, K, V, element_size, programs_per_block, device):
-    """Value block of the sequential kernels. Each program walks its document's chunks one after the
+def state_block_v(stage, K, V, element_size, walks, transition_walks, device):
+    """Column block of the sequential kernels, which run walks x cdiv(V, BV) programs on the values and
+    transition_walks x cdiv(K, BV) on transitions. Each program walks its document's chunks one after the
     other, so the time is the latency of that walk; short batches get narrower blocks, hence more programs."""
     BV, options = launch_options(stage, K, V, element_size)
     BV = min(BV, 8192 // key_block(K))  # the [BK, BV] fp32 state block stays in registers
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    while BV > 16 and programs_per_block * triton.cdiv(V, BV) < 2 * sms:
+    while BV > 16 and walks * triton.cdiv(V, BV) + transition_walks * triton.cdiv(K, BV) < 2 * sms:
         BV //= 2
     return BV, options
+
+
+@dataclass
+class TransitionWalk:
+    """What a transition walk of fwd_h / bwd_dh wrote for documents first_seq .. end_seq - 1: the per-chunk
+    transitions [their chunks, H, K, K] and new values [their tokens, H, K] (see chunk_h.py), and the
+    transitions over whole documents, final [end_seq - first_seq, H, K, K] fp32."""
+    first_seq: int
+    end_seq: int
+    states: torch.Tensor
+    values: torch.Tensor
+    final: torch.Tensor
 
 
 class Stages:
@@ -90,11 +109,26 @@ class Stages:
         return grid, dict(H=self.H, K=self.K, BK=self.BK, **({} if BV is None else dict(V=self.V, BV=BV)),
                           **self.flags, **options)
 
-    def sequential(self, stage):
-        N = self.layout.num_seqs
-        BV, options = state_block_v(stage, self.K, self.V, self.element_size, N * self.H, self.q.device)
-        return (triton.cdiv(self.V, BV), N * self.H), dict(H=self.H, K=self.K, V=self.V, BK=self.BK, BV=BV,
-                                                           **self.flags, **options)
+    def sequential(self, stage, transitions):
+        """Grid and options of fwd_h / bwd_dh; transitions = (first_seq, end_seq) adds their transition walks."""
+        N, H = self.layout.num_seqs, self.H
+        first_seq, end_seq = transitions or (0, 0)
+        BV, options = state_block_v(stage, self.K, self.V, self.element_size, N * H, (end_seq - first_seq) * H,
+                                    self.q.device)
+        column_blocks = triton.cdiv(self.V, BV) + (triton.cdiv(self.K, BV) if transitions else 0)
+        return (column_blocks, N * H), dict(first_seq=first_seq, end_seq=end_seq, H=H, K=self.K, V=self.V,
+                                            BK=self.BK, BV=BV, TRANSITIONS=transitions is not None, **self.flags,
+                                            **options)
+
+    def transition_walk(self, transitions, dtype, device):
+        """Empty outputs of the transition walks of documents transitions = (first_seq, end_seq), or None."""
+        if transitions is None:
+            return None
+        H, K = self.H, self.K
+        first_token, end_token, first_chunk, end_chunk = self.layout.span(*transitions)
+        return TransitionWalk(*transitions, torch.empty(end_chunk - first_chunk, H, K, K, dtype=dtype, device=device),
+                              torch.empty(end_token - first_token, H, K, dtype=dtype, device=device),
+                              torch.empty(transitions[1] - transitions[0], H, K, K, dtype=torch.float32, device=device))
 
     def fwd_solve(self):
         """(gc, rk, rq): the chunk-local cumulative log decay and the key and query inverse norms; Ainv."""
@@ -114,17 +148,21 @@ class Stages:
                                       KACZMARZ=self.kaczmarz, **options)
         return w, u
 
-    def fwd_h(self, per_token, w, u, initial_state, output_final_state):
+    def fwd_h(self, per_token, w, u, initial_state, output_final_state, transitions=None):
+        """(h, vn, final state or None, TransitionWalk of documents transitions = (first_seq, end_seq) or None)."""
         gc, rk, _ = per_token
         N, H, K, V = self.layout.num_seqs, self.H, self.K, self.V
         h = torch.empty(self.layout.num_chunks, H, K, V, dtype=self.store_dtype, device=u.device)
         vn = torch.empty_like(u)
         ht = torch.empty(N, H, K, V, dtype=torch.float32, device=u.device) if output_final_state else None
-        grid, options = self.sequential("fwd_h")
-        chunk_kla_fwd_h_kernel[grid](self.k, rk, gc, w, u, h, vn, initial_state, ht, self.layout.cu_seqlens,
-                                     self.layout.chunk_offsets, USE_INITIAL_STATE=initial_state is not None,
-                                     STORE_FINAL_STATE=output_final_state, **options)
-        return h, vn, ht
+        walk = self.transition_walk(transitions, self.store_dtype, u.device)
+        grid, options = self.sequential("fwd_h", transitions)
+        chunk_kla_fwd_h_kernel[grid](self.k, rk, gc, w, u, h, vn, initial_state, ht,
+                                     *((walk.states, walk.values, walk.final) if walk else (None,) * 3),
+                                     self.layout.cu_seqlens, self.layout.chunk_offsets,
+                                     USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+                                     **options)
+        return h, vn, ht, walk
 
     def fwd_o(self, per_token, h, vn):
         gc, rk, rq = per_token
@@ -141,17 +179,34 @@ class Stages:
                                             **options)
         return dv_local
 
-    def bwd_dh(self, per_token, w, do, dv_local, dht, initial_state):
+    def bwd_dh(self, per_token, w, do, dv_local, dht, store_dh0, transitions=None):
+        """(dh, dvn, dh0 [N, H, K, V] fp32 if store_dh0, TransitionWalk of documents transitions or None)."""
         gc, rk, rq = per_token
-        dh = torch.empty(self.layout.num_chunks, self.H, self.K, self.V, dtype=self.store_dtype, device=do.device)
+        N, H, K, V = self.layout.num_seqs, self.H, self.K, self.V
+        dh = torch.empty(self.layout.num_chunks, H, K, V, dtype=self.store_dtype, device=do.device)
         dvn = torch.empty_like(dv_local)
-        dh0 = torch.empty_like(initial_state) if initial_state is not None else None
-        grid, options = self.sequential("bwd_dh")
+        dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=do.device) if store_dh0 else None
+        walk = self.transition_walk(transitions, dv_local.dtype, do.device)
+        grid, options = self.sequential("bwd_dh", transitions)
         chunk_kla_bwd_dh_kernel[grid](self.q, self.k, rk, rq, gc, w, do, dv_local, dh, dvn, dht, dh0,
-                                      self.layout.cu_seqlens, self.layout.chunk_offsets, self.scale,
-                                      USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=dh0 is not None,
+                                      *((walk.states, walk.values, walk.final) if walk else (None,) * 3),
+                                      self.layout.cu_seqlens, self.layout.chunk_offsets, scale=self.scale,
+                                      USE_FINAL_STATE_GRAD=dht is not None, STORE_INITIAL_STATE_GRAD=store_dh0,
                                       **options)
-        return dh, dvn, dh0
+        return dh, dvn, dh0, walk
+
+    def apply_state(self, states, values, walk, x):
+        """In place: states += walk.states x, values += walk.values x on the walked documents' chunks, x
+        [walk.end_seq - walk.first_seq, H, K, V] fp32 (h, vn from zero -> from x; or dh, dvn likewise)."""
+        _, _, first_chunk, end_chunk = self.layout.span(walk.first_seq, walk.end_seq)
+        BV, options = launch_options("apply_state", self.K, self.V, self.element_size)
+        grid = ((end_chunk - first_chunk) * triton.cdiv(self.V, BV), self.H)
+        precision = "tf32" if self.flags["DOT_DTYPE"] == triton.language.bfloat16 else "ieee"
+        chunk_kla_apply_state_kernel[grid](states, values, walk.states, walk.values, x.float().contiguous(),
+                                           self.layout.cu_seqlens, self.layout.chunk_indices,
+                                           self.layout.chunk_offsets, walk.first_seq, H=self.H, K=self.K, V=self.V,
+                                           BK=self.BK, BC=APPLY_STATE_KEY_BLOCK, BV=BV, DOT_PREC=precision,
+                                           **options)
 
     def bwd_dqkg(self, per_token, h, vn, do, dh, dvn):
         gc, rk, rq = per_token
@@ -182,7 +237,7 @@ class ChunkKLAFunction(torch.autograd.Function):
         stages = Stages(q, k, v, g, eta, scale, eps, layout, normalize_q, kaczmarz)
         per_token, Ainv = stages.fwd_solve()
         w, u = stages.fwd_wu(per_token, Ainv)
-        h, vn, ht = stages.fwd_h(per_token, w, u, initial_state, output_final_state)
+        h, vn, ht, _ = stages.fwd_h(per_token, w, u, initial_state, output_final_state)
         o = stages.fwd_o(per_token, h, vn)
         ctx.save_for_backward(q, k, v, g, eta, initial_state, *per_token, Ainv,
                               *((w, h, vn) if keep_states else (None,) * 3))
@@ -197,9 +252,9 @@ class ChunkKLAFunction(torch.autograd.Function):
         do = do.contiguous()
         if h is None:  # not kept: recomputed (deterministic, so the same values)
             w, u = stages.fwd_wu(per_token, Ainv)
-            h, vn, _ = stages.fwd_h(per_token, w, u, initial_state, False)
+            h, vn, _, _ = stages.fwd_h(per_token, w, u, initial_state, False)
         dv_local = stages.bwd_dv_local(per_token, do)
-        dh, dvn, dh0 = stages.bwd_dh(per_token, w, do, dv_local, dht, initial_state)
+        dh, dvn, dh0, _ = stages.bwd_dh(per_token, w, do, dv_local, dht, initial_state is not None)
         dq, dkk, dgc, dw = stages.bwd_dqkg(per_token, h, vn, do, dh, dvn)
         dk, dv, deta, dg = stages.bwd_prepare(per_token, Ainv, dvn, dw, dkk, dgc)
         return dq, dk, dv, dg, deta, dh0, None, None, None, None, None, None, None

@@ -2,7 +2,8 @@
 
 import torch
 
-from .inputs import check_inputs, normalized_queries, sequence_bounds, unit_keys_and_values, use_triton
+from ..common.inputs import sequence_bounds
+from .inputs import check_inputs, normalized_queries, unit_keys_and_values, use_triton
 
 
 def fused_recurrent_kla(q, k, v, g, eta, *, scale=None, eps=1e-6, initial_state=None, output_final_state=False,

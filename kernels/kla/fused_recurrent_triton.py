@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_compat  # noqa: F401  (interpreter fix, see there)
+from ..common import triton_compat  # noqa: F401  (interpreter fix, see there)
 
 
 @triton.jit

@@ -11,12 +11,11 @@ so both modes are the gated delta rule on keys kk with step eta; KLA only scales
 The transition I - eta kk kk^T is a contraction for any key scale, which keeps every path finite.
 """
 
-import os
-
 import torch
 
+from ..common import inputs as common
+
 BETA_MODES = ("kaczmarz", "sigmoid")
-BACKENDS = ("auto", "torch", "triton")
 MAX_HEAD_DIM = 256
 
 
@@ -24,8 +23,7 @@ def check_inputs(q, k, v, g, eta, initial_state, cu_seqlens, beta_mode, backend,
     """Raise ValueError with a plain message when the arguments do not fit together."""
     if beta_mode not in BETA_MODES:
         raise ValueError(f"beta_mode must be one of {BETA_MODES}, got {beta_mode!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    common.check_backend(backend)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape != k.shape:
@@ -40,12 +38,7 @@ def check_inputs(q, k, v, g, eta, initial_state, cu_seqlens, beta_mode, backend,
             raise ValueError(f"{name} must be a float tensor (fp32 preferred), got {x.dtype}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"q, k, v must share one dtype out of fp32/bf16/fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B = {B}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N + 1] of document offsets")
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = common.check_cu_seqlens(cu_seqlens, B)
     V = v.shape[-1]
     if initial_state is not None and state_indices is None and initial_state.shape != (N, H, K, V):
         raise ValueError(f"initial_state must be [N, H, K, V] = {(N, H, K, V)}; got {tuple(initial_state.shape)}")
@@ -61,28 +54,9 @@ def check_inputs(q, k, v, g, eta, initial_state, cu_seqlens, beta_mode, backend,
 
 
 def use_triton(backend, q, v):
-    """Resolve backend='auto': Triton on CUDA for head dims up to 256, torch otherwise.
-    'triton' on CPU tensors needs TRITON_INTERPRET=1."""
+    """The backend that runs (kernels/common/inputs.py); the Triton kernels take head dims up to 256."""
     fits = max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
-    if backend == "auto":
-        return q.is_cuda and fits
-    if backend == "triton":
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-        if not fits:
-            raise ValueError(f"the Triton kernels support head dims up to {MAX_HEAD_DIM}")
-        return True
-    return False
-
-
-def sequence_bounds(T, B, cu_seqlens):
-    """[(batch row, start, end)] of every sequence: B rows of length T, or the documents of cu_seqlens."""
-    if cu_seqlens is None:
-        return [(b, 0, T) for b in range(B)]
-    offsets = cu_seqlens.tolist()
-    if offsets[0] != 0 or offsets[-1] != T or any(a > b for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T = {T}; got {offsets}")
-    return [(0, a, b) for a, b in zip(offsets, offsets[1:])]
+    return common.use_triton(backend, q, None if fits else f"the Triton kernels support head dims up to {MAX_HEAD_DIM}")
 
 
 def unit_keys_and_values(k, v, eps, beta_mode):

@@ -6,7 +6,7 @@ also check that equivalence. States are [N, H, K, V] (the transpose of the V x K
 
 import torch
 
-from .inputs import sequence_bounds
+from ..common.inputs import sequence_bounds
 
 
 def naive_recurrent_kla(q, k, v, g, eta, *, scale=None, eps=1e-6, initial_state=None, output_final_state=False,

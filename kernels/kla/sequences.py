@@ -18,6 +18,13 @@ class ChunkLayout:
     chunk_offsets: torch.Tensor  # int32 [N]: index of each document's first chunk
     num_chunks: int
     num_seqs: int
+    token_starts: list  # host copies of cu_seqlens and of chunk_offsets, each with the end appended [N + 1]
+    chunk_starts: list
+
+    def span(self, first_seq, end_seq):
+        """(first token, end token, first chunk, end chunk) of documents first_seq .. end_seq - 1."""
+        return (self.token_starts[first_seq], self.token_starts[end_seq], self.chunk_starts[first_seq],
+                self.chunk_starts[end_seq])
 
 
 def chunk_layout(B, T, cu_seqlens, device):
@@ -27,7 +34,8 @@ def chunk_layout(B, T, cu_seqlens, device):
         seq = torch.arange(B, device=device, dtype=torch.int32).repeat_interleave(nt)
         within = torch.arange(nt, device=device, dtype=torch.int32).repeat(B)
         offsets = torch.arange(B, device=device, dtype=torch.int32) * nt
-        return ChunkLayout(cu, torch.stack([seq, within], 1), offsets, B * nt, B)
+        return ChunkLayout(cu, torch.stack([seq, within], 1), offsets, B * nt, B, [b * T for b in range(B + 1)],
+                           [b * nt for b in range(B + 1)])
     lengths = torch.diff(cu_seqlens.cpu().long())  # host sync: the grid size depends on it
     counts = (lengths + CHUNK - 1) // CHUNK
     offsets = torch.cumsum(counts, 0) - counts
@@ -35,7 +43,8 @@ def chunk_layout(B, T, cu_seqlens, device):
     within = torch.arange(int(counts.sum())) - offsets[seq]
     chunk_indices = torch.stack([seq, within], 1).to(device=device, dtype=torch.int32).contiguous()
     cu = cu_seqlens.to(device=device, dtype=torch.int32)
-    return ChunkLayout(cu, chunk_indices, offsets.to(device=device, dtype=torch.int32), int(counts.sum()), len(counts))
+    return ChunkLayout(cu, chunk_indices, offsets.to(device=device, dtype=torch.int32), int(counts.sum()), len(counts),
+                       [0] + torch.cumsum(lengths, 0).tolist(), [0] + torch.cumsum(counts, 0).tolist())
 
 
 @triton.jit

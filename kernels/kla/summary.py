@@ -1,26 +1,27 @@
-"""The affine summary of a span of tokens, for context parallelism (docs/design.md, section 3.5).
+"""The affine summary of a span of tokens (the first half of context parallelism, spans.py).
 
-The state recurrence is linear in the state, so a span maps its incoming state h_in [K, V] to
+The recurrence is affine in the state a document starts from, so a span maps h_in [K, V] to
     h_out = transition @ h_in + zero_start_state
-with transition = prod_t alpha_t (I - eta_t kk_t kk_t^T) (K x K; the notes' M_r transposed, since
-states here are K x V) and zero_start_state the span's final state from zero (the notes' N_r^T).
-Both come from chunk_kla itself: the transition is the final state of a run with zero values from
-the identity, so they share its kernels, varlen handling and gradients.
+with transition = prod_t alpha_t (I - eta_t kk_t kk_t^T) (K x K, acting on states stored K x V) and
+zero_start_state the final state from zero. Both come from one run of the span: on the Triton path
+fwd_h walks the transitions beside the states in the same launch.
 """
 
 import torch
 
-from .chunk import chunk_kla
+from .inputs import check_inputs, use_triton
+from .spans import TorchSpan, TritonSpan
 
 
 def chunk_kla_summary(k, v, g, eta, *, eps=1e-6, cu_seqlens=None, beta_mode="kaczmarz", backend="auto"):
     """k [B, T, H, K], v [B, T, H, V], g, eta [B, T, H] -> (transition [N, H, K, K] fp32,
-    zero_start_state [N, H, K, V] fp32); N = B or the number of documents of cu_seqlens.
-    Differentiable in k, v, g, eta. Queries do not enter a state, so keys stand in for them."""
-    B, T, H, K = k.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    options = dict(eps=eps, output_final_state=True, cu_seqlens=cu_seqlens, beta_mode=beta_mode, backend=backend)
-    _, zero_start_state = chunk_kla(k, k, v, g, eta, **options)
-    identity = torch.eye(K, dtype=torch.float32, device=k.device).expand(N, H, K, K).contiguous()
-    _, transition = chunk_kla(k, k, torch.zeros_like(k), g, eta, initial_state=identity, **options)
+    zero_start_state [N, H, K, V] fp32); N = B or the number of documents of cu_seqlens. Not
+    differentiable: chunk_kla_context_parallel differentiates through the exchange itself."""
+    check_inputs(k, k, v, g, eta, None, cu_seqlens, beta_mode, backend)
+    span_type = TritonSpan if use_triton(backend, k, v) else TorchSpan
+    k, _, v, g, eta = span_type.prepare(k, k, v, g, eta)
+    with torch.no_grad():
+        # queries do not enter a state: keys stand in for them
+        span = span_type(k, k, v, g, eta, 1.0, eps, cu_seqlens, False, beta_mode, False)
+        zero_start_state, transition = span.summary((0, span.num_seqs))
     return transition, zero_start_state

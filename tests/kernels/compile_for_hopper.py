@@ -58,7 +58,8 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
 
 def main():
     JITFunction.run = compile_instead_of_launch
-    from kernels.kla import chunk_triton, fused_recurrent_triton
+    from kernels.conv import conv1d_triton
+    from kernels.kla import chunk_triton, fused_recurrent_triton, spans
 
     torch.cuda.get_device_properties = lambda device: type("Properties", (), {"multi_processor_count": 132})
     # B, H big enough that the state walks get their widest value block, as at training shapes;
@@ -80,6 +81,23 @@ def main():
         chunk_triton.ChunkKLAFunction.backward(ctx, torch.randn_like(v), torch.randn_like(h0))
         fused_recurrent_triton.fused_recurrent_kla_triton(q, k, v, g, eta, 0.1, 1e-6, h0, True, None, True,
                                                           "kaczmarz", None)
+        # context parallelism: the transition walks of fwd_h / bwd_dh and apply_state
+        span = spans.TritonSpan(q, k, v, g, eta, 0.1, 1e-6, None, True, "kaczmarz", True)
+        span.summary((0, B))
+        span.outputs(h0)
+        span.initial_state_grads(torch.randn_like(v), (0, B))
+        span.input_grads(h0)
+    # causal_conv1d at the paper's width (W = 4) and the largest (8), bf16 and fp32, with and without packed
+    # documents, states in and out.
+    for dtype, W, packed in ((torch.bfloat16, 4, False), (torch.bfloat16, 4, True), (torch.float32, 8, True)):
+        print(f"causal_conv1d {dtype} W {W} packed {packed}")
+        x = torch.randn(1 if packed else 4, 300, 4608, dtype=dtype)
+        cu_seqlens = torch.tensor([0, 100, 300]) if packed else None
+        h0 = torch.randn(2 if packed else 4, 4608, W - 1, dtype=dtype)
+        ctx = type("Context", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t),
+                                   "set_materialize_grads": lambda self, value: None})()
+        conv1d_triton.CausalConv1dFunction.forward(ctx, x, torch.randn(4608, W), h0, True, cu_seqlens, "silu")
+        conv1d_triton.CausalConv1dFunction.backward(ctx, torch.randn_like(x), torch.randn_like(h0))
     print("all kernels compiled for sm_90")
 
 

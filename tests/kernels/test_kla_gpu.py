@@ -91,17 +91,18 @@ def test_benchmark_shapes_match_torch(B, T, H, K, V):
     assert all(e < BF16_TOL for e in errors.values()), errors
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
 @pytest.mark.parametrize("beta_mode", ["kaczmarz", "sigmoid"])
-def test_summary_on_gpu(beta_mode):
-    inputs = make_inputs(2, 1000, 3, 96, 192, device="cuda", states=2, requires_grad=True)
-    q, k, v, g, eta, h_in = inputs
-    _, ref = naive_recurrent_kla(q, k, v, g, eta, initial_state=h_in, output_final_state=True, beta_mode=beta_mode)
-    transition, zero_start_state = chunk_kla_summary(k, v, g, eta, beta_mode=beta_mode)
-    composed = transition @ h_in + zero_start_state
-    assert rel_err(composed, ref) < FP32_TOL
-    wrt = [k, v, g, eta, h_in]
-    for d, d_ref in zip(grads([composed], wrt), grads([ref], wrt)):
-        assert rel_err(d, d_ref) < FP32_TOL
+def test_summary_on_gpu(dtype, tol, beta_mode):
+    """The transition walk of fwd_h at the paper's heads: rows, and packed documents (empty, short, long)."""
+    for B, T, cu_seqlens in ((2, 1000, None), (1, 3000, [0, 1, 700, 700, 1920, 1984, 3000])):
+        N = B if cu_seqlens is None else len(cu_seqlens) - 1
+        offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, device="cuda")
+        q, k, v, g, eta, h_in = make_inputs(B, T, 3, 96, 192, dtype=dtype, device="cuda", states=N)
+        _, ref = naive_recurrent_kla(q, k, v, g, eta, initial_state=h_in, output_final_state=True, cu_seqlens=offsets,
+                                     beta_mode=beta_mode)
+        transition, zero_start_state = chunk_kla_summary(k, v, g, eta, cu_seqlens=offsets, beta_mode=beta_mode)
+        assert rel_err(transition @ h_in + zero_start_state, ref) < tol
 
 
 @pytest.mark.parametrize("batch", [1, 64, 256])

@@ -50,8 +50,8 @@ def reference(module, config, x, cu_seqlens=None, params=None):
         heads=module.num_heads,
         key_dim=module.key_dim,
         value_dim=module.value_dim,
-        beta_mode=module.beta_mode,
-        eps=module.eps,
+        beta_mode=module.shape.beta_mode,
+        eps=module.shape.eps,
         norm_eps=config.layernorm_epsilon,
         cu_seqlens=cu_seqlens,
     )
@@ -72,8 +72,8 @@ def packed(cu):
 @pytest.mark.parametrize("mixer", ["kla", "gdn"])
 def test_mixer_matches_reference(mixer, norm_eps):
     module, model, config = make_mixer(mixer, norm_eps)
-    assert module.beta_mode == {"kla": "kaczmarz", "gdn": "sigmoid"}[mixer]
-    assert module.eps == model.kla_eps
+    assert module.shape.beta_mode == {"kla": "kaczmarz", "gdn": "sigmoid"}[mixer]
+    assert module.shape.eps == model.kla_eps
     x = inputs(SEQ, 2, model.hidden_size)
     with torch.no_grad():
         out, bias = module(x)

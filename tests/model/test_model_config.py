@@ -40,7 +40,7 @@ def test_named_linear_models_build(world, name, beta_mode):
     assert len(layers) == model_config.num_layers
     for number, mixer in enumerate(layers, start=1):
         assert type(mixer) is KLAMixer
-        assert mixer.beta_mode == beta_mode and mixer.eps == model_config.kla_eps
+        assert mixer.shape.beta_mode == beta_mode and mixer.shape.eps == model_config.kla_eps
         assert mixer.layer_number == number
         assert (mixer.num_heads, mixer.key_dim, mixer.value_dim) == (
             model_config.num_heads, model_config.key_head_dim, model_config.value_head_dim)
@@ -72,7 +72,7 @@ def test_hybrid_places_attention_every_nth_layer(world):
 def test_hybrid_over_gdn_and_transformer(world):
     gdn_hybrid = build(replace(named_model("tiny-gdn"), attention_every=2))
     layers = mixers(gdn_hybrid)
-    assert type(layers[0]) is KLAMixer and layers[0].beta_mode == "sigmoid"
+    assert type(layers[0]) is KLAMixer and layers[0].shape.beta_mode == "sigmoid"
     assert type(layers[1]) is SelfAttention
     transformer = build(replace(named_model("tiny"), mixer="attention"))
     assert all(type(m) is SelfAttention for m in mixers(transformer))

@@ -16,6 +16,10 @@ from kla_model_testing import free_port, megatron_world, rel_err
 VOCAB = 1024  # a multiple of the padding step: no padded rows at any TP size
 BATCH, SEQ = 2, 24
 TOL = 1e-5
+# Gradients are fp32 sums over every token in another order at TP=2 (row-parallel all-reduce); the decay
+# parameters' gradients cancel heavily across tokens, so their relative error is larger: A_log of layer 1
+# measured 1.08e-5 on the 2-core CPU machine (2026-11-30), with the unchanged code of the previous landing.
+GRAD_TOL = 2e-5
 MODEL = "tiny"
 
 
@@ -157,7 +161,7 @@ def test_tensor_parallel_2_matches_single_process(tmp_path):
         diff = sum((res["grads"][name].double() - s.double()).norm() ** 2 for res, s in zip(ranks, shards)) ** 0.5
         size = sum(s.double().norm() ** 2 for s in shards) ** 0.5
         err = (diff / size).item()
-        assert err < TOL, f"grad of {name}: TP=2 shards vs TP=1 rel err {err:.2e}"
+        assert err < GRAD_TOL, f"grad of {name}: TP=2 shards vs TP=1 rel err {err:.2e}"
 
     # TP = 2 -> TP = 1: the checkpoint written by the two ranks loads back to the original weights
     with megatron_world(tensor_parallel=1):
@@ -165,3 +169,37 @@ def test_tensor_parallel_2_matches_single_process(tmp_path):
         _load(model, ckpt2)
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), ref_params[name], rtol=0, atol=0, msg=name)
+
+
+def _initialized(tensor_parallel, seed):
+    from kla_megatron import transformer_config
+    from kla_megatron.init import initialize_weights
+
+    model = _build(tensor_parallel, seed=1000)  # as the trainer: one torch seed on every rank
+    initialize_weights(model, transformer_config(_model_config(), tensor_parallel=tensor_parallel), seed)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _init_worker(rank, world_size, port, out_dir):
+    torch.set_num_threads(1)
+    with megatron_world(tensor_parallel=world_size, rank=rank, world_size=world_size, port=port):
+        params = _initialized(world_size, seed=5)
+    torch.save(params, f"{out_dir}/init{rank}.pt")
+
+
+def test_same_seed_gives_the_same_model_at_any_tensor_parallel_size(tmp_path):
+    """kla_megatron.init draws every weight whole from (seed, checkpoint key): TP = 2 ranks hold exactly the
+    TP = 1 model's shards (megatron alone splits its draws by position, not by head, and on GPU draws each rank's
+    shard from that rank's stream). The mixer's own parameters are drawn per layer for all heads and sliced."""
+    with megatron_world(tensor_parallel=1):
+        full = _initialized(1, seed=5)
+        other_seed = _initialized(1, seed=6)
+    m = _model_config()
+    out_proj = full["decoder.layers.0.self_attention.out_proj.weight"]
+    assert abs(out_proj.std().item() / (m.init_std / (2 * m.num_layers) ** 0.5) - 1) < 0.05
+    assert not torch.equal(full["embedding.word_embeddings.weight"], other_seed["embedding.word_embeddings.weight"])
+    mp.spawn(_init_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        shards = torch.load(tmp_path / f"init{rank}.pt", weights_only=True)
+        for name, tensor in full.items():
+            torch.testing.assert_close(shards[name], _shard(name, tensor, rank, 2), rtol=0, atol=0, msg=name)

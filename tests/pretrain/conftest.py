@@ -10,10 +10,19 @@ import pytest
 def tiny_corpus(tmp_path_factory) -> dict:
     """A real-text dataset in seconds: 60 standard-library modules, a 600-piece SentencePiece model,
     megatron indexed train/valid datasets written by megatron's own builder."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"), document_tokens=None)
+
+
+@pytest.fixture(scope="session")
+def short_documents_corpus(tmp_path_factory) -> dict:
+    """The same text cut into documents of at most 50 tokens, so every sample of 128 tokens holds EODs."""
+    return write_corpus(tmp_path_factory.mktemp("short_documents"), document_tokens=50)
+
+
+def write_corpus(root: Path, document_tokens) -> dict:
     import sentencepiece as spm
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    root = tmp_path_factory.mktemp("corpus")
     files = sorted(glob.glob(str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")))[:60]
     spm.SentencePieceTrainer.train(
         input=files[:10], model_prefix=str(root / "tokenizer"), vocab_size=600, pad_id=3,
@@ -25,8 +34,10 @@ def tiny_corpus(tmp_path_factory) -> dict:
         prefix = str(root / split)
         builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
         for path in docs:
-            ids = sp.encode(Path(path).read_text(encoding="utf-8", errors="replace")) + [sp.eos_id()]
-            builder.add_document(np.array(ids, dtype=np.uint16), [len(ids)])
+            ids = sp.encode(Path(path).read_text(encoding="utf-8", errors="replace"))
+            step = document_tokens or len(ids)
+            for piece in (ids[i:i + step] + [sp.eos_id()] for i in range(0, len(ids), step)):
+                builder.add_document(np.array(piece, dtype=np.uint16), [len(piece)])
         builder.finalize(prefix + ".idx")
         prefixes[split] = prefix
     return {"tokenizer": str(root / "tokenizer.model"), **prefixes}

@@ -1,11 +1,10 @@
 """The whole program under every launcher and layout trains like one process.
 
-Three steps of the tiny model on the same global batch: one process (2 micro-batches), two
-data-parallel processes started by mpiexec (mpi4py), and tensor parallelism over two processes
-started by torchrun. The per-step losses agree to fp32 reduction-order error.
-
-Megatron initialises a TP-sharded weight differently at each TP size, so the TP comparison starts
-both runs from one checkpoint (checkpoint.init_from), which dist_checkpointing reshards to TP=2.
+Three steps of the tiny model on the same global batch, from the same seed: one process (2 micro-batches),
+two data-parallel processes started by mpiexec (mpi4py), tensor parallelism and context parallelism over two
+processes started by torchrun (also with packed documents crossing the ranks), and TP x CP over four. The
+per-step losses agree to fp32 reduction-order error: the initial weights do not depend on the layout
+(kla_megatron.init), and everything after them is exact.
 """
 
 import json
@@ -51,16 +50,33 @@ def test_mpiexec_data_parallel(tmp_path, tiny_corpus, one_process):
     assert_close(losses(tmp_path), one_process)
 
 
-def test_torchrun_tensor_parallel(tmp_path, tiny_corpus):
-    base = run_pretrain(tmp_path / "base", tiny_corpus, "training.steps=1", "training.warmup_steps=0", "eval.interval=0")
-    assert base.returncode == 0, base.stderr[-3000:]
-    init = f'checkpoint.init_from="{tmp_path / "base" / "checkpoints" / "step_0000001"}"'
-    single = run_pretrain(tmp_path / "tp1", tiny_corpus, *STEPS, init)
-    assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = launch(torchrun, tmp_path / "tp2", tiny_corpus, "parallel.tensor=2", init)
+def torchrun(processes: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+
+
+def test_torchrun_tensor_parallel(tmp_path, tiny_corpus, one_process):
+    result = launch(torchrun(2), tmp_path, tiny_corpus, "parallel.tensor=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) (torchrun): TP 2 PP 1 CP 1 DP 1" in result.stdout
     assert "Warning" not in result.stderr, result.stderr[-3000:]
-    assert "initialised the model from" in result.stdout
-    assert_close(losses(tmp_path / "tp2"), losses(tmp_path / "tp1"))
+    assert_close(losses(tmp_path), one_process)
+
+
+# Context parallelism cuts each sequence into slices of whole 64-token kernel chunks: 128 tokens for 2 ranks.
+LONG = ["data.seq_length=128"]
+PACKED = ["data.seq_length=128", "data.reset_state_at_eod=true"]
+
+
+@pytest.mark.parametrize("overrides, processes, layout, label", [
+    (LONG, 2, ["parallel.context=2"], "TP 1 PP 1 CP 2 DP 1"),
+    (PACKED, 2, ["parallel.context=2"], "TP 1 PP 1 CP 2 DP 1"),
+    (LONG, 4, ["parallel.context=2", "parallel.tensor=2"], "TP 2 PP 1 CP 2 DP 1"),
+], ids=["cp2", "cp2-packed-documents", "tp2-cp2"])
+def test_torchrun_context_parallel(tmp_path, tiny_corpus, short_documents_corpus, overrides, processes, layout, label):
+    corpus = short_documents_corpus if overrides is PACKED else tiny_corpus  # documents cross the ranks' slices
+    single = run_pretrain(tmp_path / "one", corpus, *STEPS, *overrides)
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = launch(torchrun(processes), tmp_path / "cp", corpus, *overrides, *layout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{processes} process(es) (torchrun): {label}" in result.stdout
+    assert_close(losses(tmp_path / "cp"), losses(tmp_path / "one"))

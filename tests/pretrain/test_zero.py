@@ -31,16 +31,18 @@ def batches(step: int) -> list[dict]:
 
 
 def build(world_size: int, zero_stage: int):
-    from kla_megatron import build_model, named_model, transformer_config
+    from kla_megatron import build_model_chunks, named_model, transformer_config
     from pretrain.config import load_config
     from pretrain.distributed import init_distributed, launch_env
+    from pretrain.layout import ParallelLayout
 
-    init_distributed(launch_env(), 1, 1, 1)
-    torch.manual_seed(0)
+    config = load_config(None, SETTINGS + [f"parallel.zero_stage={zero_stage}"])
     model_config = named_model("tiny")
+    groups = init_distributed(launch_env(), ParallelLayout.build(config.parallel, model_config, world_size, False, SEQ))
+    torch.manual_seed(0)
     tf_config = transformer_config(model_config, use_cpu_initialization=True)
-    model = build_model(model_config, tf_config, VOCAB, SEQ)
-    return model, tf_config, load_config(None, SETTINGS + [f"parallel.zero_stage={zero_stage}"])
+    model = build_model_chunks(model_config, tf_config, VOCAB, SEQ, groups)
+    return model, tf_config, config, groups
 
 
 def zero_worker(rank: int, world_size: int, port: int, zero_stage: int, out: str):
@@ -52,8 +54,8 @@ def zero_worker(rank: int, world_size: int, port: int, zero_stage: int, out: str
     from pretrain.cpu import cuda_bookkeeping_on_cpu
     from pretrain.train import forward_step
 
-    model, tf_config, config = build(world_size, zero_stage)
-    engine = zero.initialize(model, config, bf16=False, data_parallel=world_size)
+    model, tf_config, config, groups = build(world_size, zero_stage)
+    engine = zero.initialize(model, config, bf16=False, groups=groups)
     tf_config.no_sync_func = partial(zero.accumulating, engine)
     micro = SAMPLES // world_size
     norms = []
@@ -62,9 +64,11 @@ def zero_worker(rank: int, world_size: int, port: int, zero_stage: int, out: str
         mine = [batches(step)[j * world_size + rank] for j in range(micro)]
         with cuda_bookkeeping_on_cpu():
             get_forward_backward_func()(
-                forward_step_func=partial(forward_step, engine), data_iterator=iter(mine), model=engine.module,
-                num_microbatches=micro, seq_length=SEQ, micro_batch_size=1, forward_only=False,
+                forward_step_func=partial(forward_step, engine, groups, False), data_iterator=iter(mine),
+                model=list(engine.module.chunks), num_microbatches=micro, seq_length=SEQ, micro_batch_size=1,
+                forward_only=False,
             )
+        zero.finish_gradients(engine, groups)
         engine.step()
         norms.append(float(engine.get_global_grad_norm()))
     if rank == 0:
@@ -77,14 +81,14 @@ def reference_worker(rank: int, out: str, port: int):
     from pretrain import zero
     from pretrain.train import masked_mean
 
-    model, _, config = build(1, 1)
+    model, _, config, groups = build(1, 1)
     optimizer = zero.adamw(model, config)
     norms = []
     for step in range(STEPS):
         optimizer.zero_grad()
         for b in batches(step):
-            per_token = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
-            loss, _ = masked_mean(b["loss_mask"], per_token)
+            per_token = model(0, b["tokens"], b["position_ids"], None, labels=b["labels"])
+            loss, _ = masked_mean(b["loss_mask"], groups.cp, per_token)
             (loss / SAMPLES).backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
         assert norm > config.training.grad_clip, "the test must exercise clipping"

@@ -1,0 +1,1 @@
+"""Pieces every op folder of kernels/ shares (argument handling, packed documents)."""

@@ -1,0 +1,101 @@
+"""causal_conv1d on the Triton kernels (conv1d_kernels.py): the autograd Function and the launches.
+
+Forward:  fwd (y) [-> final_state].
+Backward: bwd (dx, a part of dw per program) [-> bwd_state (dh0)] -> sum of the parts of dw.
+"""
+
+import torch
+import triton
+
+from ..common import triton_compat  # noqa: F401  (interpreter fix, see there)
+from .conv1d_kernels import (causal_conv1d_bwd_kernel, causal_conv1d_bwd_state_kernel, causal_conv1d_final_state_kernel,
+                             causal_conv1d_fwd_kernel)
+
+# Launch options: tokens per program L, channel block BC, rows loaded ahead of the walk AHEAD, loop unrolling (it
+# removes the register moves of the sliding windows), warps. BC is for W <= 4; wider kernels hold more window
+# registers and get a proportionally narrower block (launch_options). bench/conv.py --sweep times the alternatives.
+LAUNCH = {
+    "fwd": dict(L=128, BC=256, AHEAD=4, UNROLL=4, num_warps=1),
+    "bwd": dict(L=128, BC=128, AHEAD=4, UNROLL=4, num_warps=1),
+}
+SEQUENCE_BC = 128  # channel block of the per-sequence kernels (final state, initial-state gradient)
+
+
+def launch_options(stage, W):
+    options = dict(LAUNCH[stage])
+    options["BC"] = max(16, options["BC"] * 4 // max(4, triton.next_power_of_2(W)))
+    return options
+
+
+def documents(x, cu_seqlens):
+    """(seq_idx, cu_seqlens) as int32 on the device: the document of every token, computed there (no host sync)."""
+    if cu_seqlens is None:
+        return None, None
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    tokens = torch.arange(x.shape[1], device=x.device, dtype=torch.int32)
+    return torch.searchsorted(cu_seqlens[1:], tokens, right=True, out_int32=True), cu_seqlens
+
+
+def grid(options, T, C, B):
+    return triton.cdiv(T, options["L"]), triton.cdiv(C, options["BC"]), B
+
+
+class CausalConv1dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, activation):
+        B, T, C = x.shape
+        W = weight.shape[1]
+        weight = weight.contiguous()
+        if initial_state is not None:
+            initial_state = initial_state.contiguous()
+        seq_idx, cu = documents(x, cu_seqlens)
+        N = B if cu is None else cu.numel() - 1
+        flags = dict(W=W, HAS_STATE=initial_state is not None, VARLEN=cu is not None)
+        y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+        options = launch_options("fwd", W)
+        causal_conv1d_fwd_kernel[grid(options, T, C, B)](x, weight, initial_state, y, seq_idx, cu, T, C, x.stride(0),
+                                                         x.stride(1), ACTIVATION=activation, **flags, **options)
+        final_state = None
+        if output_final_state:
+            final_state = torch.empty(N, C, W - 1, dtype=x.dtype if initial_state is None else initial_state.dtype,
+                                      device=x.device)
+            causal_conv1d_final_state_kernel[(N, triton.cdiv(C, SEQUENCE_BC))](
+                x, initial_state, final_state, cu, T, C, x.stride(0), x.stride(1), BC=SEQUENCE_BC, **flags)
+        ctx.save_for_backward(x, weight, initial_state, seq_idx, cu)
+        ctx.activation = activation
+        ctx.set_materialize_grads(False)
+        return y, final_state
+
+    @staticmethod
+    def backward(ctx, dy, dht):
+        x, weight, initial_state, seq_idx, cu = ctx.saved_tensors
+        B, T, C = x.shape
+        W = weight.shape[1]
+        N = B if cu is None else cu.numel() - 1
+        dy = torch.zeros(B, T, C, dtype=x.dtype, device=x.device) if dy is None else dy
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        if dht is not None:
+            dht = dht.contiguous()
+        flags = dict(W=W, ACTIVATION=ctx.activation, HAS_FINAL_GRAD=dht is not None, VARLEN=cu is not None)
+        dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+        options = launch_options("bwd", W)
+        programs = grid(options, T, C, B)
+        dw_partial = torch.empty(B * programs[0], W, C, dtype=torch.float32, device=x.device)
+        causal_conv1d_bwd_kernel[programs](x, weight, initial_state, dy, dht, dx, dw_partial, seq_idx, cu, T, C,
+                                           x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                                           HAS_STATE=initial_state is not None, **flags, **options)
+        dh0 = None
+        if initial_state is not None:
+            dh0 = torch.empty_like(initial_state)
+            causal_conv1d_bwd_state_kernel[(N, triton.cdiv(C, SEQUENCE_BC))](
+                x, weight, initial_state, dy, dht, dh0, cu, T, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                BC=SEQUENCE_BC, **flags)
+        dw = dw_partial.sum(0).t().to(weight.dtype).contiguous()
+        return dx, dw, dh0, None, None, None
+
+
+def causal_conv1d_triton(x, weight, initial_state, output_final_state, cu_seqlens, activation):
+    if x.stride(-1) != 1:  # the kernels read rows of unit-stride channels; any other strides in place
+        x = x.contiguous()
+    return CausalConv1dFunction.apply(x, weight, initial_state, output_final_state, cu_seqlens, activation)
