@@ -19,7 +19,7 @@ def checked(tmp_path, corpus, *overrides, world_size=1):
 
 
 def test_the_tiny_config_passes(tmp_path, tiny_corpus):
-    model, files = checked(tmp_path, tiny_corpus)
+    model, layout, files = checked(tmp_path, tiny_corpus)
     assert model.mixer == "kla" and files.train.prefixes == [tiny_corpus["train"]]
 
 
@@ -35,13 +35,14 @@ def test_the_tiny_config_passes(tmp_path, tiny_corpus):
         (["training.lr=fast"], 1, "'training.lr' wants a number, got 'fast'"),
         (["model.heads=3"], 1, "unknown model setting(s) ['heads']"),
         (["model.name=kla-9b"], 1, "unknown model 'kla-9b'"),
-        (["parallel.tensor=3"], 3, "4 heads, not divisible by parallel.tensor=3"),
+        (["parallel.tensor=3"], 3, "the model's 4 heads cannot be split over parallel.tensor=3; choose one of [1, 2, 4]"),
         (["parallel.tensor=2"], 3, "3 process(es) cannot be split into tensor=2"),
-        (["parallel.pipeline=2", "parallel.zero_stage=2"], 2, "ZeRO stage 2 shards gradients"),
+        (["parallel.pipeline=2"], 2, "parallel.pipeline > 1 needs GPUs"),
         (["parallel.zero_stage=3"], 1, "parallel.zero_stage must be 1 or 2"),
-        (["parallel.context=2"], 2, "parallel.context > 1 is not available yet"),
-        (["parallel.sequence_parallel=true"], 1, "sequence_parallel needs parallel.tensor > 1"),
-        (["data.seq_length=0"], 1, "data.seq_length=0 must be positive"),
+        (["parallel.context=2", "model.mixer=attention"], 2, "have no context-parallel path yet"),
+        (["parallel.context=2", "data.seq_length=192"], 2, "must split into parallel.context=2 slices of whole 64-token"),
+        (["parallel.sequence_parallel=true"], 1, "sequence_parallel splits the sequence between tensor-parallel ranks and needs parallel.tensor > 1"),
+        (["data.seq_length=0"], 1, "data.seq_length must be positive, got 0"),
         (["training.global_batch_size=6", "training.micro_batch_size=4"], 1, "must be a multiple of micro_batch_size"),
         (["training.warmup_steps=500"], 1, "training.warmup_steps=500 must be in [0, training.steps=150); lower it"),
         (["training.lr_decay_style=cosin"], 1, "training.lr_decay_style must be one of cosine, linear"),
