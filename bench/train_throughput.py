@@ -157,10 +157,10 @@ def main() -> int:
         elapsed = time.time() - started
         print(f"[{i + 1}/{len(todo)}] {row}: {rows[-1].get('tokens_per_s_per_gpu', rows[-1].get('error'))} | "
               f"{elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(todo) - i - 1):.0f} s", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "tokens_per_step": TOKENS_PER_STEP, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                  "tokens_per_step": TOKENS_PER_STEP, "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")  # after every row: a cut run keeps its rows
     print(f"\n{result['device']}, {TOKENS_PER_STEP} tokens a step, bf16\n{table(rows)}\nwrote {args.out}")
     return 0
 

@@ -75,7 +75,7 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Par
     if profile and not (len(profile) == 2 and 0 <= profile[0] < profile[1] <= t.steps):
         raise ConfigError(f"logging.profile_steps={profile} must be [first, last) with 0 <= first < last <= training.steps, e.g. [10, 13]")
     init_from = config.checkpoint.init_from
-    if init_from and not (Path(init_from) / "model" / "metadata.json").is_file():
+    if init_from and not checkpoint.is_checkpoint(Path(init_from)):
         raise ConfigError(f"checkpoint.init_from={init_from} is not a checkpoint folder (e.g. outputs/run/checkpoints/step_0000100)")
     files = DataFiles.resolve(d)
     out = Path(config.output_dir)
@@ -201,10 +201,10 @@ def run(config: TrainConfig, resume: bool) -> History:
     )
     model = build_model_chunks(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length, groups)
     start_weights = latest or (Path(config.checkpoint.init_from) if config.checkpoint.init_from else None)
-    # Before DeepSpeed takes its fp32 master copy of the weights.
-    if start_weights is not None:
+    # Before DeepSpeed takes its fp32 master copy of the weights (a resume sets the masters from the checkpoint).
+    if latest is None and start_weights is not None:
         checkpoint.load_model(start_weights, model)
-    else:
+    elif latest is None:
         initialize_weights(model, tf_config, t.seed)  # the same model at every parallel layout
     engine = zero.initialize(model, config, bf16, groups)
     tf_config.no_sync_func = partial(zero.accumulating, engine)
@@ -294,14 +294,14 @@ def run(config: TrainConfig, resume: bool) -> History:
         engine.train()
         return sum(losses) / len(losses)
 
+    checkpointer = checkpoint.Checkpointer(ckpt_root, config.checkpoint.keep)
+
     def save() -> None:
         if reporting:
             history.save(history_path)
         trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(),
                          "layout": layout.as_dict(), "model": model_config.architecture()}
-        path = checkpoint.save(ckpt_root, step, engine, trainer_state, config.checkpoint.keep)
-        if rank0:
-            print(f"saved checkpoint {path}", flush=True)
+        checkpointer.save(step, engine, trainer_state)
 
     profile_steps = config.logging.profile_steps
     profiler = StepProfiler(engine.module, *profile_steps, out / "profile") if profile_steps else None
@@ -331,6 +331,7 @@ def run(config: TrainConfig, resume: bool) -> History:
             history.valid_loss[step] = valid_loss
             if reporting:
                 metrics.validation(step, valid_loss)
+        checkpointer.poll()
         stopping = stop.agreed()
         if stopping or step == t.steps or (config.checkpoint.interval and step % config.checkpoint.interval == 0):
             save()
@@ -339,6 +340,7 @@ def run(config: TrainConfig, resume: bool) -> History:
             if rank0:
                 print(f"stopping at step {step} on a signal; the next run with --resume continues from here", flush=True)
             break
+    checkpointer.wait()
     metrics.close()
     if reporting:
         metrics.summary(f"{'finished' if step == t.steps else 'stopped'}: {trained}", {

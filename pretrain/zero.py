@@ -13,6 +13,14 @@ Three things join the two libraries:
   accumulation steps stay at 1 (it would divide again) and the boundary is set explicitly.
 * Under ZeRO-1 the end-of-backward reduction is off; `finish_gradients` reduces once per step, after
   megatron's own gradient finalisation (tied embeddings across pipeline stages).
+
+Gradients are summed in fp32 when training in bf16, over micro-batches and over data-parallel
+ranks: each micro-batch's bf16 gradient is added once (after its backward) to an fp32 buffer, and
+that buffer is what the data-parallel reduction, the clipping norm and AdamW read. DeepSpeed does
+it by itself once the config asks for `grad_accum_dtype: fp32`: ZeRO-1 becomes its BF16_Optimizer
+(full fp32 gradient buffer, fp32 masters and Adam state partitioned over data-parallel ranks), ZeRO-2
+reduce-scatters each micro-batch's gradient in fp32 into this rank's fp32 partition. The reduction
+itself is fp32 too (`communication_data_type`), at twice the bf16 traffic.
 """
 
 from contextlib import contextmanager
@@ -112,6 +120,8 @@ def deepspeed_config(config: TrainConfig, bf16: bool, data_parallel: int) -> dic
         "train_batch_size": t.micro_batch_size * data_parallel,
         "zero_optimization": {"stage": config.parallel.zero_stage},
         "bf16": {"enabled": bf16},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "gradient_clipping": t.grad_clip,
         # torch's fused AdamW: no JIT build of DeepSpeed's own Adam on the GPU or CPU.
         "zero_allow_untested_optimizer": True,
@@ -134,6 +144,10 @@ def initialize(model: torch.nn.Module, config: TrainConfig, bf16: bool, groups):
         dist_init_required=False,
     )
     engine.enable_backward_allreduce = engine.zero_optimization_partition_gradients()
+    if groups.pp.size() > 1 and groups.pp.rank() == groups.pp.size() - 1:
+        for chunk in model.chunks:  # the last stage's copy of a tied embedding: counted once in the clipping norm
+            if chunk.post_process and chunk.share_embeddings_and_output_weights:
+                chunk.shared_embedding_or_output_weight().ds_pipe_replicated = True
     return engine
 
 
@@ -155,6 +169,13 @@ def finish_gradients(engine, groups) -> None:
             safe_set_full_grad(weight, grad)
     if not engine.enable_backward_allreduce:
         engine.allreduce_gradients()
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of the fp32 master weights and AdamW state this rank holds (after a step): the part of
+    the training state ZeRO divides by the data-parallel size."""
+    adam = engine.optimizer.optimizer
+    partitions = [p for group in adam.param_groups for p in group["params"]]
+    state = [t for s in adam.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0]
+    return sum(t.numel() * t.element_size() for t in partitions + state)
 
 
 @contextmanager

@@ -293,8 +293,8 @@ def test_sbatch_two_tasks_train_checkpoint_and_log(cluster, corpus, tmp_path):
     for step in (2, steps):
         assert f"saved checkpoint {ckpt / f'step_{step:07d}'}" in text, why
     final = ckpt / f"step_{steps:07d}"
-    assert (final / "trainer.json").is_file() and (final / "model").is_dir(), why
-    assert sorted(p.name for p in (final / "ranks").iterdir()) == ["rank_00000.pt", "rank_00001.pt"], why
+    assert (final / "trainer.json").is_file() and (final / "state").is_dir(), why
+    assert sorted(p.name for p in (final / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"], why
     assert list((out_dir / "tb").glob("events.out.tfevents.*")), f"no TensorBoard events in {out_dir / 'tb'}{why}"
     corpus["manifest"] = str(out_dir / "data" / "manifest.json")
 
