@@ -19,6 +19,9 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"data_prep {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # an output that cannot be written, an input that cannot be read
+        print(f"data_prep {args.command}: error: cannot use {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ndata_prep {args.command}: interrupted; no partial output was left under the final names", file=sys.stderr)
         return 130
@@ -136,7 +139,10 @@ def print_summary(totals, groups, seconds: float):
             print(f"  kept (already complete): {', '.join(group.prefixes.values())}")
             continue
         for split, prefix in group.prefixes.items():
-            print(f"  wrote {prefix}.bin/.idx/.json ({split})")
+            documents, tokens = totals.written[prefix]
+            print(f"  wrote {prefix}.bin/.idx/.json ({split}: {documents:,} document(s), {tokens:,} tokens)")
+    for note in totals.notes:
+        print(f"  note: {note}")
     if totals.empty:
         print(f"  dropped {totals.empty:,} empty document(s)")
     for path, counts in totals.skipped.items():

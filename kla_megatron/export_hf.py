@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -366,6 +365,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # megatron-core announces at import that it falls back from Apex/Transformer Engine, which we do not use.
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).* not installed")
     sys.exit(main())

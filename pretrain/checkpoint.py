@@ -89,6 +89,12 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
+def read_trainer_state(path: Path) -> dict:
+    """A complete checkpoint's trainer.json (step, data position, schedule, layout, model), readable
+    before any process group exists."""
+    return json.loads((path / "trainer.json").read_text())
+
+
 def is_checkpoint(path: Path) -> bool:
     return (path / "state" / "metadata.json").is_file()
 

@@ -82,8 +82,9 @@ else
   fi
 fi
 
-if [ -n "$EMBEDDED_DEFAULT" ]; then
-  # The embedded default ends as a Hugging Face model folder, and continues a prompt through plain transformers.
+if [ -n "$EMBEDDED_DEFAULT" ] && ! [ "$OUTPUT_DIR/hf/model.safetensors" -nt "$OUTPUT_DIR/checkpoints/latest" ]; then
+  # The embedded default ends as a Hugging Face model folder (unless it already holds the latest checkpoint),
+  # and continues a prompt through plain transformers.
   "$PYTHON" -m kla_megatron.export_hf --checkpoint "$OUTPUT_DIR/checkpoints" --output "$OUTPUT_DIR/hf" --overwrite
   "$PYTHON" - "$OUTPUT_DIR/hf" <<'SAMPLE'
 import sys

@@ -1,4 +1,4 @@
-"""KLAMixer against an independent float64 token-by-token implementation of DESIGN.md section 1.
+"""KLAMixer against an independent float64 token-by-token implementation of docs/design.md section 1.
 
 One process, a gloo world of size 1 with megatron's parallel state at TP = 1. Shapes are the `tiny`
 named model (4 heads, K = 24, V = 48); 70 tokens cross the 64-token chunk of the kernels.

@@ -58,6 +58,7 @@ def test_torchrun_tensor_parallel(tmp_path, tiny_corpus, one_process):
     result = launch(torchrun(2), tmp_path, tiny_corpus, "parallel.tensor=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) (torchrun): TP 2 PP 1 CP 1 DP 1" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
     assert_close(losses(tmp_path), one_process)
 
 

@@ -286,7 +286,7 @@ def test_sbatch_two_tasks_train_checkpoint_and_log(cluster, corpus, tmp_path):
     # Both tasks joined one process group (gloo: init_distributed picks it without CUDA), DP 2.
     assert re.search(r"\b2 process\S* \(slurm\): TP 1 PP 1 CP 1 DP 2\b.* fp32 on cpu", text), why
     assert _steps(text) == list(range(1, steps + 1)), f"expected step lines 1..{steps}{why}"
-    assert "done in" in text, why
+    assert "== finished: tiny (kla" in text, why
 
     ckpt = out_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == f"step_{steps:07d}", why
@@ -352,5 +352,5 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, corpus, tmp_path):
     assert f"resumed from {ckpt / f'step_{stop_step:07d}'} at step {stop_step}" in second, why
     assert _steps(first) == list(range(1, stop_step + 1)), why
     assert _steps(second) == list(range(stop_step + 1, steps + 1)), why
-    assert f"saved checkpoint {ckpt / f'step_{steps:07d}'}" in second and "done in" in second, why
+    assert f"saved checkpoint {ckpt / f'step_{steps:07d}'}" in second and "== finished: tiny (kla" in second, why
     assert (ckpt / "latest").read_text().strip() == f"step_{steps:07d}", why
