@@ -57,8 +57,6 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Par
         )
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"training.precision must be auto, bf16 or fp32, got {t.precision!r}")
-    if t.precision == "bf16" and not cuda:
-        raise ConfigError("training.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
     if t.recompute and not cuda:
         raise ConfigError("training.recompute needs a GPU (megatron's activation recompute saves CUDA RNG states); set it to false")
     if model.kernel_backend == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":

@@ -119,7 +119,10 @@ def deepspeed_config(config: TrainConfig, bf16: bool, data_parallel: int) -> dic
         "gradient_accumulation_steps": 1,
         "train_batch_size": t.micro_batch_size * data_parallel,
         "zero_optimization": {"stage": config.parallel.zero_stage},
-        "bf16": {"enabled": bf16},
+        # Each bf16 gradient is added to the fp32 buffer by a hook on its parameter as soon as it exists (and
+        # freed): DeepSpeed's default, once at the end of a backward, counts the backward's gradients, and under
+        # megatron's pipeline schedules (interleaved forwards and backwards) that count misses micro-batches.
+        "bf16": {"enabled": bf16, "immediate_grad_update": True},
         "data_types": {"grad_accum_dtype": "fp32"},
         "communication_data_type": "fp32",
         "gradient_clipping": t.grad_clip,

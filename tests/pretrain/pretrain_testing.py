@@ -36,7 +36,9 @@ def pretrain_command(output_dir: Path, corpus: dict, *overrides: str, resume: bo
 
 
 def subprocess_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    # The repository first, then whatever the caller's path has (where megatron-core may be installed).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
