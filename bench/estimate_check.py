@@ -30,12 +30,13 @@ RUNS = [
     (1, "configs/kla_0.4b.toml", ["training.global_batch_size=8"]),
     (1, "configs/kla_0.4b.toml", ["training.global_batch_size=8", "model.kernel_keep_states=false"]),
     (1, "configs/kla_0.4b.toml", ["training.global_batch_size=8", "training.recompute=true"]),
-    (1, "configs/kla_0.4b.toml", ["training.global_batch_size=8", "model.name=transformer-0.4b", "training.micro_batch_size=2"]),
-    (1, "configs/kla_1.3b.toml", ["training.global_batch_size=4"]),
+    (1, "configs/kla_0.4b.toml", ["training.global_batch_size=8", "model.name=transformer-0.4b"]),
+    (1, "configs/kla_1.3b.toml", ["training.global_batch_size=8"]),
     (2, "configs/kla_0.4b.toml", ["training.global_batch_size=16"]),
     (2, "configs/kla_0.4b.toml", ["training.global_batch_size=16", "parallel.zero_stage=2"]),
     (2, "configs/kla_0.4b.toml", ["training.global_batch_size=8", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
     (2, "configs/kla_1.3b.toml", ["training.global_batch_size=8", "parallel.pipeline=2", "training.micro_batch_size=1"]),
+    (2, "configs/kla_0.4b_long.toml", ["training.global_batch_size=2", "parallel.context=2", "data.seq_length=32768"]),
 ]
 
 

@@ -2,65 +2,65 @@
 
     python -m pretrain.estimate --config configs/kla_1.3b.toml [--gpus 16] [--vocab-size 32000] [key=value ...]
 
-Prints, for the GPU that holds the most (the first pipeline stage, or the last when the logits weigh
-more), what training keeps in GPU memory, with and without full activation recompute, whether it fits
-80 GB and 141 GB GPUs, and the step time expected from a measured throughput (bench/results/*.json).
-`python -m pretrain` runs the same estimate before it allocates anything and refuses a layout that
-cannot fit its GPU unless `parallel.force_layout=true`.
+Prints, for the GPU that holds the most (a pipeline rank: the first holds the most micro-batches, the last
+the logits), what training keeps in GPU memory, with and without full activation recompute, whether it
+fits 80 GB and 141 GB GPUs, and the step time expected from a measured throughput (bench/results/*.json).
+`python -m pretrain` runs the same estimate before it allocates anything and refuses a layout that cannot
+fit its GPU unless `parallel.force_layout=true`. It estimates the GPU code paths (Triton kernels, megatron's
+fused SwiGLU, flash attention); CPU runs take other paths.
 
-What is counted (bytes; P = parameters on this GPU, D = ZeRO's sharding degree = data x context
-parallel ranks, e = 2 in bf16 runs and 4 in fp32 runs):
+What is counted (bytes; P = parameters on this GPU, D = ZeRO's sharding degree = data x context parallel
+ranks, e = 2 in bf16 runs and 4 in fp32 runs):
 
-  parameters     e P (the bf16 weights megatron computes with)
-  gradients      g P with ZeRO-1, g P / D with ZeRO-2, where g is DeepSpeed's gradient-accumulation
-                 dtype (data_types.grad_accum_dtype; by default the model's dtype, so bf16 in bf16 runs)
-  reduce bucket  zero_optimization.reduce_bucket_size elements of g (DeepSpeed's default 5e8: 1 GB in
-                 bf16), allocated at the first gradient of a step and held until its last micro-batch
+  parameters     e P (the weights megatron computes with)
+  gradients      g P with ZeRO-1, g P / D with ZeRO-2, where g is DeepSpeed's gradient-accumulation dtype
+                 (data_types.grad_accum_dtype; by default the model's dtype, so bf16 in bf16 runs)
+  reduce bucket  zero_optimization.reduce_bucket_size elements of g (DeepSpeed's default 5e8: 1 GB in bf16),
+                 allocated at the first gradient of a step and held until the step's reduction
   optimizer      4 P / D fp32 master weights + 8 P / D Adam moments (two fp32 states)
   step           the optimizer step flattens this rank's gradient partition (g P / D) and converts it to
-                 fp32 (4 P / D); activations are gone by then, so the step peak is
-                 parameters + gradients + optimizer + this
+                 fp32 (4 P / D); activations are gone by then
 
-  activations    per layer and token, what autograd keeps for the backward (below), times the tokens of
-                 one micro-batch on this GPU (micro_batch_size x seq_length / context), times the layers
-                 of this pipeline stage, times the micro-batches in flight (1 without pipelining; with
-                 1F1B, min(pipeline - stage, micro-batches)). Full recompute keeps only each layer's input
+  activations    per layer and token, what autograd keeps for the backward (below), times the tokens of one
+                 micro-batch on this GPU (micro_batch_size x seq_length / context), times the layers of a
+                 model chunk, times the chunk-micro-batches in flight: 1 without pipelining; 1F1B on
+                 pipeline rank r: min(pipeline - r, micro-batches); interleaved (v chunks a rank):
+                 2 (pipeline - r - 1) + (v - 1) pipeline + 1. Full recompute keeps only each layer's input
                  (e h' per token) and rebuilds one layer at a time in the backward.
-  logits         last stage: the bf16 logits and their fp32 copy, which the cross entropy turns into the
-                 softmax in place and keeps ((e + 4) per logit; 4 in fp32 runs), V' = padded vocab / TP
-  backward       the working set of the first layers the backward reaches: the logit gradient cast
-                 (e V' per token) next to the reduce bucket, then one layer's gradient temporaries
+  logits         last stage: the logits (e V' per token, V' = padded vocabulary / TP), which our cross
+                 entropy keeps and overwrites with their own gradient, and its per-token labels and
+                 statistics (16); the final norm's input and output (2 e h' + 4)
+  backward       one layer's gradient temporaries (the kernel's dq, dk, dv, ... or flash attention's)
 
   peak = parameters + gradients + optimizer
-         + max(activations + final norm + max(logits, e V' + bucket) + one layer's backward temporaries,
-               step)
+         + max(activations + logits + reduce bucket + backward temporaries + megatron's buffer, step)
 
-Per layer and token, on one tensor-parallel rank (h' = hidden / TP with sequence parallelism, else
-hidden; H' = heads / TP; K, V = key and value head dims; F' = ffn / TP; W = conv width; C' = H'(2K + V)
-conv channels; s = this rank's sequence length):
+Per layer and token, on one tensor-parallel rank (h' = hidden / TP with sequence parallelism, else hidden;
+H' = heads / TP; K, V = key and value head dims; d = attention head dim; F' = ffn / TP; C' = H'(2K + V) conv
+channels):
 
-  every layer      two RMSNorms: an fp32 copy of the input and the fp32 normalised output (8 h' + 4)
-                   and the output the next linear keeps (e h' each); MLP: fc1 output (2 e F'), silu of
-                   its gate half (e F'), the linear half plus megatron's glu offset (e F'), fc2 input (e F')
-  KLA / GDN mixer  in_proj output, which the conv's first tap keeps whole (e H'(2K + 2V + 2)); the W - 1
-                   shifted copies of the conv input (e C' (W - 1), plus W(W-1)/2 padding rows a sequence);
-                   the conv output the silu keeps (e C'); the contiguous q, k, v the kernel keeps (e C');
-                   nine fp32 per-head gate scalars (a + dt_bias, softplus, g, sigmoid(b), the kernel's g,
-                   eta, its gate cumsum and inverse key and query norms: 36 H'); the chunk inverse
-                   (e 64 H'); with model.kernel_keep_states also w, the new values and the per-chunk
-                   states (e H'(K + V + K V / 64)); the fp32 copy of z (4 H'V, bf16 runs only); the
-                   per-head RMSNorm (8 H'V + 4 H' and e H'V output), silu(z) (e H'V), out_proj input (e H'V)
-  attention        qkv output, kept by the probabilities-times-values product (3 e H'd); q and k after
-                   RoPE (2 e H'd) and the cos and sin it multiplies them by (4 e d a position); the fp32 softmax output and its bf16 copy (4 H's + e H's; 4 H's in fp32
-                   runs); the output projection input (e H'd); and megatron's score buffer e b H' s^2,
-                   allocated once
-  pipeline         stages after the first keep each in-flight micro-batch's input and output (2 e h')
+  every layer      two RMSNorms (fused kernel): each keeps its input and one fp32 scale a row (e h' + 4)
+                   and its output, which the next linear keeps (e h'); MLP (megatron's fused SwiGLU):
+                   fc1 output (2 e F') and fc2 input (e F')
+  KLA / GDN mixer  in_proj output, kept whole by the conv (its q, k, v input) and the output norm (z, its
+                   gate): e H'(2K + 2V + 2); the contiguous q, k, v the recurrence keeps (e C'); eight fp32
+                   scalars a head (a + dt_bias, softplus, g, sigmoid(b), the kernel's g and eta, gate cumsum,
+                   inverse key and query norms: 32 H'); the chunk inverse (64 e H'); with
+                   model.kernel_keep_states also w, the new values and the per-chunk states
+                   (e H'(K + V + K V / 64)); the output norm's input o and scales (e H'V + 4 H'); the output
+                   projection's input (e H'V). With context parallelism also every rank's K x K transition
+                   and the incoming K x V state, fp32, per sequence (4 H'K (context K + V) / s' a token)
+  attention        qkv output (its v is kept by flash attention: 3 e H'd); q and k after RoPE (2 e H'd) and
+                   the cos and sin per position (4 e d / micro-batch); flash attention's output and
+                   log-sum-exp (e H'd + 4 H'); the output projection's input (e H'd)
+  pipeline         ranks after the first keep each in-flight micro-batch's received input and sent output
+                   (2 e h')
+  buffer           megatron's global buffer for the all-gathered input of sequence-parallel linears
+                   (e hidden x micro_batch_size x seq_length / context), allocated once
 
-What is not modelled: the PyTorch chunkwise kernel backend (CPU runs) keeps more; context-parallel
-state summaries are assumed kept for the backward (all ranks' M, N: context x H'K(K + V) x 4 bytes a
-sequence and layer); the CUDA context, NCCL buffers and allocator fragmentation are outside
-torch.cuda.max_memory_allocated, which is what this estimates, so a layout is refused above
-`usable_bytes(total)` of the GPU, not above its total.
+Not counted: the CUDA context, NCCL's buffers and the allocator's fragmentation (outside
+torch.cuda.max_memory_allocated, which this estimates): a layout is refused above `usable_bytes(total)`
+of the GPU, not above its total.
 """
 
 import argparse
@@ -73,8 +73,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from kernels.kla.sequences import CHUNK
+from pretrain.config import ConfigError
+from pretrain.layout import ParallelLayout
+
 GIB = 2**30
-CHUNK = 64  # the chunk length of kernels/kla (its per-chunk states and chunk inverse are per 64 tokens)
 PAPER_VOCAB = 32000
 GPU_SIZES = {"80 GB": 81559 * 2**20, "141 GB": 143771 * 2**20}  # total_memory of an H100 80GB / H200
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -87,15 +90,10 @@ def usable_bytes(total_memory: int) -> int:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """How one training step is spread over the GPUs."""
+class Step:
+    """One training step on the GPUs: the parallel layout and what each GPU computes in it."""
 
-    world_size: int
-    tensor: int
-    pipeline: int
-    context: int
-    sequence_parallel: bool
-    zero_stage: int
+    layout: ParallelLayout
     micro_batch_size: int
     seq_length: int
     global_batch_size: int
@@ -103,89 +101,75 @@ class Layout:
     bf16: bool
 
     @property
-    def data(self) -> int:
-        return self.world_size // (self.tensor * self.pipeline * self.context)
-
-    @property
-    def zero_shards(self) -> int:
-        """ZeRO shards over megatron's data x context group."""
-        return self.data * self.context
-
-    @property
     def num_microbatches(self) -> int:
-        return max(1, self.global_batch_size // (self.micro_batch_size * self.data))
+        return max(1, self.global_batch_size // (self.micro_batch_size * self.layout.data))
 
     @property
     def tokens(self) -> int:
         """Tokens of one micro-batch on one GPU."""
-        return self.micro_batch_size * self.seq_length // self.context
+        return self.micro_batch_size * self.seq_length // self.layout.context
+
+    @property
+    def element(self) -> int:
+        return 2 if self.bf16 else 4
 
     @staticmethod
-    def of(config, world_size: int, bf16: Optional[bool] = None) -> "Layout":
-        p, t = config.parallel, config.training
+    def of(config, world_size: int, bf16: Optional[bool] = None) -> "Step":
+        """The step of `config` on `world_size` GPUs; a layout that cannot be built raises ConfigError."""
+        t = config.training
+        layout = ParallelLayout.build(config.parallel, config.model.resolve(), world_size, True, config.data.seq_length)
         if bf16 is None:
             bf16 = t.precision != "fp32"  # auto means bf16 on the GPUs this estimates
-        return Layout(world_size, p.tensor, p.pipeline, p.context, p.sequence_parallel, p.zero_stage,
-                      t.micro_batch_size, config.data.seq_length, t.global_batch_size, t.recompute, bf16)
+        return Step(layout, t.micro_batch_size, config.data.seq_length, t.global_batch_size, t.recompute, bf16)
 
     def describe(self) -> str:
-        return (f"{self.world_size} GPU(s): TP {self.tensor} PP {self.pipeline} CP {self.context} DP {self.data}"
-                f"{' SP' if self.sequence_parallel else ''}, ZeRO-{self.zero_stage}, {'bf16' if self.bf16 else 'fp32'}")
+        return f"{self.layout.world_size} GPU(s): {self.layout.describe()}, {'bf16' if self.bf16 else 'fp32'}"
 
 
 # -- per-token activations -----------------------------------------------------------------------------
 
-def layer_terms(model, mixer: str, layout: Layout) -> dict:
+def layer_terms(model, mixer: str, step: Step) -> dict:
     """Bytes that one layer keeps for its backward, per token of this GPU's micro-batch, by what keeps them."""
-    e = 2 if layout.bf16 else 4
-    tp = layout.tensor
-    h = model.hidden_size // tp if layout.sequence_parallel else model.hidden_size
-    ffn = model.ffn_hidden_size // tp
-    heads = model.num_heads // tp
-    s = layout.seq_length // layout.context
+    e, layout = step.element, step.layout
+    h = model.hidden_size // layout.tensor if layout.sequence_parallel else model.hidden_size
+    ffn = model.ffn_hidden_size // layout.tensor
+    heads = model.num_heads // layout.tensor
     terms = {
-        "norms (fp32 input copy + normalised, x2)": 2 * (8 * h + 4),
-        "norm outputs kept by in_proj/qkv and fc1": 2 * e * h,
-        "MLP: fc1 output, silu(gate), linear half, fc2 input": e * 5 * ffn,
+        "norms: inputs and scales": 2 * (e * h + 4),
+        "norm outputs (in_proj or qkv and fc1 inputs)": 2 * e * h,
+        "MLP: fc1 output and fc2 input": 3 * e * ffn,
     }
     if mixer == "attention":
         d = model.attention_head_dim
         terms.update({
-            "attention: qkv output (kept by probs @ v)": 3 * e * heads * d,
-            "attention: q, k after RoPE": 2 * e * heads * d,
-            "attention: RoPE cos and sin for q and k (per position)": 4 * e * d / layout.micro_batch_size,
-            "attention: softmax (fp32) and its bf16 copy": (4 + (e if e != 4 else 0)) * heads * s,
+            "attention: qkv output": 3 * e * heads * d,
+            "attention: q, k after RoPE, cos and sin": 2 * e * heads * d + 4 * e * d / step.micro_batch_size,
+            "attention: flash output and log-sum-exp": e * heads * d + 4 * heads,
             "attention: output projection input": e * heads * d,
         })
         return terms
-    K, V, W = model.key_head_dim, model.value_head_dim, model.conv_kernel
-    conv_channels = heads * (2 * K + V)
+    K, V = model.key_head_dim, model.value_head_dim
     terms.update({
-        "mixer: in_proj output (kept whole by the conv)": e * heads * (2 * K + 2 * V + 2),
-        "mixer: conv shifted inputs": e * conv_channels * (W - 1) * (1 + W / (2 * s)),
-        "mixer: conv output (silu input)": e * conv_channels,
-        "mixer: q, k, v (kernel input)": e * conv_channels,
-        "mixer: gate scalars and per-token factors (fp32)": 36 * heads,
+        "mixer: in_proj output (conv input, gate z)": e * heads * (2 * K + 2 * V + 2),
+        "mixer: q, k, v": e * heads * (2 * K + V),
+        "mixer: gate scalars, per-token factors (fp32)": 32 * heads,
         "mixer: chunk inverse": e * CHUNK * heads,
-        "mixer: z in fp32": 4 * heads * V if e != 4 else 0,
-        "mixer: per-head RMSNorm": 8 * heads * V + 4 * heads + e * heads * V,
-        "mixer: silu(z) and out_proj input": 2 * e * heads * V,
+        "mixer: output norm input and scales": e * heads * V + 4 * heads,
+        "mixer: out_proj input": e * heads * V,
     })
     if model.kernel_keep_states:
-        terms["mixer: kept states w, new values, per-chunk h"] = e * heads * (K + V + K * V / CHUNK)
+        terms["mixer: kept states (w, new values, per-chunk h)"] = e * heads * (K + V + K * V / CHUNK)
     if layout.context > 1:
-        # Context parallelism: every rank's span summary (M: K x K, N: K x V, fp32) for each sequence.
-        terms["mixer: context-parallel summaries"] = layout.context * heads * K * (K + V) * 4 / s
+        sequence = step.seq_length // layout.context
+        terms["mixer: context-parallel transitions, incoming state"] = 4 * heads * K * (layout.context * K + V) / sequence
     return terms
 
 
-def backward_temporaries(model, mixer: str, layout: Layout) -> float:
-    """Bytes per token that one layer's backward allocates on top of what the forward kept: the gradients
-    of the kernel's inputs and intermediates (KLA/GDN), or of the attention probabilities."""
-    e = 2 if layout.bf16 else 4
-    heads = model.num_heads // layout.tensor
-    if mixer == "attention":
-        return (2 * e + 4) * heads * layout.seq_length // layout.context
+def backward_temporaries(model, mixer: str, step: Step) -> float:
+    """Bytes per token that one layer's backward allocates on top of what its forward kept."""
+    e, heads = step.element, model.num_heads // step.layout.tensor
+    if mixer == "attention":  # flash attention's dq, dk, dv and its fp32 row sums
+        return 3 * e * heads * model.attention_head_dim + 4 * heads
     K, V = model.key_head_dim, model.value_head_dim
     # dq, dk, dv; dk in fp32; dw; dh per chunk; d(new values); the local dv
     grads = e * heads * (2 * K + V) + 4 * heads * K + e * heads * K + e * heads * K * V / CHUNK + 2 * e * heads * V
@@ -212,19 +196,25 @@ def layer_parameters(model, mixer: str, tensor: int) -> int:
     return (in_proj + out_proj + conv + per_head) // tensor + mlp + norms
 
 
-def stage_layers(model, pipeline: int, stage: int) -> list:
-    per_stage = model.num_layers // pipeline
-    return [model.layer_mixer(i) for i in range(stage * per_stage + 1, (stage + 1) * per_stage + 1)]
+def chunk_layers(model, layout: ParallelLayout) -> list:
+    """The mixers of every model chunk, in layer order (pipeline x virtual_pipeline chunks)."""
+    chunks = layout.pipeline * layout.virtual_pipeline
+    sizes = layout.pipeline_layers or [model.num_layers // chunks] * chunks
+    starts = [sum(sizes[:i]) for i in range(chunks)]
+    return [[model.layer_mixer(layer + 1) for layer in range(start, start + size)] for start, size in zip(starts, sizes)]
 
 
-def stage_parameters(model, vocab_rows: int, tensor: int, pipeline: int, stage: int) -> int:
-    count = sum(layer_parameters(model, mixer, tensor) for mixer in stage_layers(model, pipeline, stage))
-    embedding = vocab_rows * model.hidden_size // tensor
-    if stage == 0:
+def rank_parameters(model, vocab_rows: int, layout: ParallelLayout, rank: int) -> int:
+    """Parameters on pipeline rank `rank` (its chunks rank, rank + pipeline, ...) of one tensor-parallel rank."""
+    chunks = chunk_layers(model, layout)
+    mine = range(rank, len(chunks), layout.pipeline)
+    count = sum(layer_parameters(model, mixer, layout.tensor) for c in mine for mixer in chunks[c])
+    embedding = vocab_rows * model.hidden_size // layout.tensor
+    if 0 in mine:
         count += embedding
-    if stage == pipeline - 1:
+    if len(chunks) - 1 in mine:
         count += model.hidden_size  # final norm
-        if not (model.tie_embeddings and pipeline == 1):
+        if not (model.tie_embeddings and len(chunks) == 1):
             count += embedding  # output layer
     return count
 
@@ -232,22 +222,21 @@ def stage_parameters(model, vocab_rows: int, tensor: int, pipeline: int, stage: 
 # -- the estimate ------------------------------------------------------------------------------------
 
 @dataclass
-class StageMemory:
-    """Bytes on one GPU of a pipeline stage."""
+class RankMemory:
+    """Bytes on one GPU of a pipeline rank."""
 
-    stage: int
+    rank: int
     parameters: int
-    layers: list
+    layers: int
     in_flight: int
+    """Model-chunk micro-batches whose activations this rank holds at once."""
     weights: float = 0
     gradients: float = 0
     reduce_bucket: float = 0
     optimizer: float = 0
     step: float = 0
     activations: float = 0
-    final: float = 0
     logits: float = 0
-    logits_grad: float = 0
     backward: float = 0
     buffers: float = 0
 
@@ -257,9 +246,8 @@ class StageMemory:
 
     @property
     def training(self) -> float:
-        """Everything at the start of the backward, the peak of a step's forward and backward."""
-        logits = max(self.logits, self.logits_grad + self.reduce_bucket) if self.logits else self.reduce_bucket
-        return self.static + self.activations + self.final + logits + self.backward + self.buffers
+        """At the start of a micro-batch's backward, the peak of the forward and backward."""
+        return self.static + self.activations + self.logits + self.reduce_bucket + self.backward + self.buffers
 
     @property
     def peak(self) -> float:
@@ -269,109 +257,109 @@ class StageMemory:
 @dataclass
 class Estimate:
     model: object
-    layout: Layout
+    step: Step
     vocab_size: int
     vocab_rows: int
     total_parameters: int
-    stages: list  # StageMemory, one per pipeline stage
-    terms: dict = field(default_factory=dict)  # per-layer activation terms of the worst stage's first layer kind
+    ranks: list  # RankMemory, one per pipeline rank
+    terms: dict = field(default_factory=dict)  # per-layer activation terms of the first layer's kind
 
     @property
-    def worst(self) -> StageMemory:
-        return max(self.stages, key=lambda s: s.peak)
+    def worst(self) -> RankMemory:
+        return max(self.ranks, key=lambda r: r.peak)
 
     @property
     def peak(self) -> float:
         return self.worst.peak
 
 
-def _zero_settings(config, layout: Layout) -> tuple:
-    """(gradient bytes, reduce bucket bytes) from the DeepSpeed config the trainer builds."""
+def _zero_settings(config, step: Step) -> tuple:
+    """(gradient bytes per parameter, reduce bucket bytes) from the DeepSpeed config the trainer builds."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from pretrain.zero import deepspeed_config
 
-    ds = deepspeed_config(config, layout.bf16, layout.zero_shards)
+    ds = deepspeed_config(config, step.bf16, step.layout.data_context)
     zero = DeepSpeedZeroConfig(**ds["zero_optimization"])
     accum = ds.get("data_types", {}).get("grad_accum_dtype")
-    grad_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}.get(accum, 2 if layout.bf16 else 4)
+    grad_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}.get(accum, step.element)
     buffers = 2 if zero.overlap_comm else 1
     return grad_bytes, zero.reduce_bucket_size * grad_bytes * buffers if zero.contiguous_gradients else 0
 
 
+def in_flight(layout: ParallelLayout, rank: int, microbatches: int) -> int:
+    """Model-chunk micro-batches whose activations pipeline rank `rank` holds at once under megatron's
+    schedules: its warm-up forwards and one more."""
+    if layout.pipeline == 1:
+        return 1
+    chunks = layout.virtual_pipeline
+    warmup = layout.pipeline - rank - 1 if chunks == 1 else 2 * (layout.pipeline - rank - 1) + (chunks - 1) * layout.pipeline
+    return min(warmup + 1, microbatches * chunks)
+
+
 def estimate(config, world_size: int, vocab_size: int, bf16: Optional[bool] = None, recompute: Optional[bool] = None) -> Estimate:
-    """The memory of every pipeline stage's GPU for `config` on `world_size` GPUs."""
+    """The memory of each pipeline rank's GPU for `config` on `world_size` GPUs."""
     from kla_megatron.model import padded_vocab_size
 
     model = config.model.resolve()
     if recompute is not None:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, recompute=recompute))
-    layout = Layout.of(config, world_size, bf16)
-    e = 2 if layout.bf16 else 4
+    step = Step.of(config, world_size, bf16)
+    layout, e, t = step.layout, step.element, step.tokens
     vocab_rows = padded_vocab_size(vocab_size, layout.tensor)
-    grad_bytes, bucket = _zero_settings(config, layout)
-    t = layout.tokens
+    grad_bytes, bucket = _zero_settings(config, step)
     h = model.hidden_size // layout.tensor if layout.sequence_parallel else model.hidden_size
-    stages = []
-    for stage in range(layout.pipeline):
-        P = stage_parameters(model, vocab_rows, layout.tensor, layout.pipeline, stage)
-        layers = stage_layers(model, layout.pipeline, stage)
-        in_flight = min(layout.pipeline - stage, layout.num_microbatches) if layout.pipeline > 1 else 1
-        m = StageMemory(stage, P, layers, in_flight)
+    chunks = chunk_layers(model, layout)
+    ranks = []
+    for rank in range(layout.pipeline):
+        mine = [chunks[c] for c in range(rank, len(chunks), layout.pipeline)]
+        P = rank_parameters(model, vocab_rows, layout, rank)
+        flight = in_flight(layout, rank, step.num_microbatches)
+        m = RankMemory(rank, P, sum(map(len, mine)), flight)
         m.weights = e * P
-        m.gradients = grad_bytes * P / (layout.zero_shards if layout.zero_stage == 2 else 1)
+        m.gradients = grad_bytes * P / (layout.data_context if layout.zero_stage == 2 else 1)
         m.reduce_bucket = bucket
-        m.optimizer = 12 * P / layout.zero_shards
-        m.step = (grad_bytes + (4 if grad_bytes != 4 else 0)) * P / layout.zero_shards
-        per_layer = [sum(layer_terms(model, mixer, layout).values()) for mixer in layers]
-        if layout.recompute:
-            kept = len(layers) * e * h * t * in_flight + max(per_layer) * t
-        else:
-            kept = sum(per_layer) * t * in_flight
-        if stage > 0:
-            kept += 2 * e * h * t * in_flight  # the schedule's received input and sent output
-        if stage == 0:
-            kept += 8 * t * in_flight  # token ids kept by the embedding
-        m.activations = kept
-        m.backward = max(backward_temporaries(model, mixer, layout) for mixer in layers) * t
-        if stage == layout.pipeline - 1:
-            logit_bytes = e + 4 if e != 4 else 4
-            m.final = (8 * h + 4 + e * h) * t + 9 * t  # final norm, output-layer input, targets
-            m.logits = logit_bytes * vocab_rows // layout.tensor * t
-            m.logits_grad = e * vocab_rows // layout.tensor * t if e != 4 else 0
-        # megatron's global buffer: the all-gathered input of sequence-parallel linears, or the
-        # attention score buffer (one, the larger, reused by every layer)
-        gathered = e * model.hidden_size * layout.micro_batch_size * layout.seq_length if layout.sequence_parallel else 0
-        scores = max((e * layout.micro_batch_size * model.num_heads // layout.tensor * (layout.seq_length // layout.context) ** 2
-                      for mixer in layers if mixer == "attention"), default=0)
-        m.buffers = max(gathered, scores)
-        stages.append(m)
-    worst = max(stages, key=lambda s: s.peak)
-    return Estimate(model, layout, vocab_size, vocab_rows, stage_parameters(model, vocab_rows, 1, 1, 0), stages,
-                    layer_terms(model, worst.layers[0], layout))
+        m.optimizer = 12 * P / layout.data_context
+        m.step = (grad_bytes + (4 if grad_bytes != 4 else 0)) * P / layout.data_context
+        per_layer = {mixer: sum(layer_terms(model, mixer, step).values()) for chunk in mine for mixer in chunk}
+        per_chunk = max(sum(per_layer[mixer] for mixer in chunk) for chunk in mine)
+        if step.recompute:  # each layer's input, and one layer rebuilt at a time
+            per_chunk = max(map(len, mine)) * e * h + max(per_layer.values())
+        m.activations = per_chunk * t * flight
+        if rank > 0:
+            m.activations += 2 * e * h * t * flight  # the schedule's received inputs and sent outputs
+        if 0 in range(rank, len(chunks), layout.pipeline):
+            m.activations += 8 * t * flight  # token ids kept by the embedding
+        if len(chunks) - 1 in range(rank, len(chunks), layout.pipeline):
+            m.logits = (e * vocab_rows // layout.tensor + 2 * e * h + 4 + 16) * t
+        m.backward = max(backward_temporaries(model, mixer, step) for mixer in per_layer) * t
+        if layout.sequence_parallel:
+            m.buffers = e * model.hidden_size * t
+        ranks.append(m)
+    total = sum(layer_parameters(model, model.layer_mixer(i + 1), 1) for i in range(model.num_layers))
+    total += (1 if model.tie_embeddings else 2) * vocab_rows * model.hidden_size + model.hidden_size
+    return Estimate(model, step, vocab_size, vocab_rows, total, ranks, layer_terms(model, chunks[0][0], step))
 
 
 def check_fits(config, world_size: int, vocab_size: int, total_memory: int, device_name: str = "this GPU") -> Estimate:
     """The estimate, or a ConfigError naming the overflow and the settings that would shrink it."""
-    from pretrain.config import ConfigError
-
     result = estimate(config, world_size, vocab_size)
     limit = usable_bytes(total_memory)
     if result.peak <= limit:
         return result
-    worst = result.worst
+    worst, step = result.worst, result.step
     hints = []
-    if not result.layout.recompute:
+    if not step.recompute:
         with_recompute = estimate(config, world_size, vocab_size, recompute=True).peak
         if with_recompute <= limit:
             hints.append(f"training.recompute=true ({with_recompute / GIB:.1f} GiB)")
-    if result.layout.micro_batch_size > 1:
+    if step.micro_batch_size > 1:
         hints.append("a smaller training.micro_batch_size")
-    if result.layout.zero_stage == 1 and result.layout.pipeline == 1 and result.layout.zero_shards > 1:
+    if step.layout.zero_stage == 1 and step.layout.pipeline == 1 and step.layout.data_context > 1:
         hints.append("parallel.zero_stage=2")
     hints.append("more parallel.tensor or parallel.pipeline")
     raise ConfigError(
-        f"this layout needs about {result.peak / GIB:.1f} GiB per GPU (pipeline stage {worst.stage}: "
+        f"this layout needs about {result.peak / GIB:.1f} GiB per GPU (pipeline rank {worst.rank}: "
         f"{worst.static / GIB:.1f} GiB weights, gradients and optimizer, {worst.activations / GIB:.1f} GiB activations) "
         f"but {device_name} has {total_memory / GIB:.1f} GiB ({limit / GIB:.1f} GiB usable); try "
         f"{', '.join(hints)}, see `python -m pretrain.estimate`, or set parallel.force_layout=true to start anyway"
@@ -395,25 +383,24 @@ def _measured_runs() -> list:
     return rows
 
 
-def _same_work_per_gpu(run: dict, config, layout: Layout) -> bool:
+def _same_work_per_gpu(run: dict, config, step: Step) -> bool:
     """Whether a measured run did the same work per GPU: same model, sequence, micro-batch, recompute,
     kernels and model-parallel layout (data parallelism only repeats it)."""
-    c = run["config"]
-    mine = config.to_dict()
+    c, layout = run["config"], step.layout
     parallel = c.get("parallel", {})
     return (
-        c["model"] == mine["model"]
-        and c["data"]["seq_length"] == layout.seq_length
-        and c["training"]["micro_batch_size"] == layout.micro_batch_size
-        and c["training"].get("recompute", False) == layout.recompute
-        and all(parallel.get(k, 1) == v for k, v in (("tensor", layout.tensor), ("pipeline", layout.pipeline), ("context", layout.context)))
+        c["model"] == config.to_dict()["model"]
+        and c["data"]["seq_length"] == step.seq_length
+        and c["training"]["micro_batch_size"] == step.micro_batch_size
+        and c["training"].get("recompute", False) == step.recompute
+        and all(parallel.get(k, 1) == getattr(layout, k) for k in ("tensor", "pipeline", "virtual_pipeline", "context"))
         and parallel.get("sequence_parallel", False) == layout.sequence_parallel
     )
 
 
-def measured_throughput(config, layout: Layout) -> Optional[dict]:
+def measured_throughput(config, step: Step) -> Optional[dict]:
     """The newest measured run of the same per-GPU work, or None."""
-    runs = [r for r in _measured_runs() if _same_work_per_gpu(r, config, layout)]
+    runs = [r for r in _measured_runs() if _same_work_per_gpu(r, config, step)]
     return max(runs, key=lambda r: r.get("date", "")) if runs else None
 
 
@@ -434,47 +421,46 @@ def vocab_size_of(config) -> Optional[int]:
 def report(config, world_size: int, vocab_size: int, vocab_note: str) -> str:
     plain = estimate(config, world_size, vocab_size, recompute=False)
     recomputed = estimate(config, world_size, vocab_size, recompute=True)
-    layout, model = plain.layout, plain.model
+    step, layout, model = plain.step, plain.step.layout, plain.model
     a, b = plain.worst, recomputed.worst
-    total = plain.total_parameters
     rows = [
         (f"parameters ({a.parameters / 1e6:,.0f}M on this GPU)", a.weights, b.weights),
         (f"gradients (ZeRO-{layout.zero_stage})", a.gradients, b.gradients),
-        (f"optimizer (fp32 master + Adam, sharded {layout.zero_shards} ways)", a.optimizer, b.optimizer),
+        (f"optimizer (fp32 master + Adam, sharded {layout.data_context} ways)", a.optimizer, b.optimizer),
         ("ZeRO reduce bucket", a.reduce_bucket, b.reduce_bucket),
-        (f"activations ({len(a.layers)} layers x {a.in_flight} micro-batch in flight)", a.activations, b.activations),
-        ("logits and final norm", a.logits + a.final, b.logits + b.final),
+        (f"activations ({a.layers} layers, {a.in_flight} micro-batch(es) in flight)", a.activations, b.activations),
+        ("logits and final norm", a.logits, b.logits),
         ("backward temporaries, buffers", a.backward + a.buffers, b.backward + b.buffers),
         ("peak (torch.cuda.max_memory_allocated)", a.peak, b.peak),
     ]
     lines = [
         f"{config.model.name} ({model.mixer}, {model.num_layers} layers, hidden {model.hidden_size}; vocab {vocab_size} "
-        f"({vocab_note}) -> {plain.vocab_rows} rows) | {layout.describe()}",
-        f"micro-batch {layout.micro_batch_size} x {layout.seq_length} tokens, {layout.num_microbatches} micro-batch(es) a step, "
-        f"{layout.global_batch_size * layout.seq_length:,} tokens a step | {total / 1e9:.2f}B parameters",
+        f"({vocab_note}) -> {plain.vocab_rows} rows) | {step.describe()}",
+        f"micro-batch {step.micro_batch_size} x {step.seq_length} tokens, {step.num_microbatches} micro-batch(es) a step, "
+        f"{step.global_batch_size * step.seq_length:,} tokens a step | {plain.total_parameters / 1e9:.2f}B parameters",
         "",
-        f"{f'GiB per GPU (pipeline stage {a.stage} of {layout.pipeline})':<56}{'no recompute':>14}{'full recompute':>16}",
+        f"{f'GiB per GPU (pipeline rank {a.rank} of {layout.pipeline})':<56}{'no recompute':>14}{'full recompute':>16}",
     ]
     lines += [f"  {label:<54}{x / GIB:>14.2f}{y / GIB:>16.2f}" for label, x, y in rows]
     for name, size in GPU_SIZES.items():
         usable = usable_bytes(size)
         verdict = lambda x: "fits" if x.peak <= usable else "does not fit"  # noqa: E731
         lines.append(f"  {f'on {name} GPUs ({usable / GIB:.0f} GiB usable)':<54}{verdict(plain):>14}{verdict(recomputed):>16}")
-    lines += ["", f"activations per layer and token ({a.layers[0]} layer):"]
+    lines += ["", "activations per layer and token (first layer):"]
     lines += [f"  {size:10,.0f} B  {name}" for name, size in plain.terms.items() if size]
-    lines.append(f"  {sum(plain.terms.values()):10,.0f} B  total; x {layout.tokens:,} tokens a micro-batch per GPU")
-    run = measured_throughput(config, layout)
-    tokens_per_step = layout.global_batch_size * layout.seq_length
+    lines.append(f"  {sum(plain.terms.values()):10,.0f} B  total; x {step.tokens:,} tokens a micro-batch per GPU")
+    run = measured_throughput(config, step)
+    tokens_per_step = step.global_batch_size * step.seq_length
     if run is None:
         lines.append("\nstep time: no measurement of this model, sequence, micro-batch, recompute and TP/PP/CP layout in "
                      "bench/results/ (bench/pretrain.py or bench/estimate_check.py measures one)")
     else:
         replicas = run.get("world_size", 1) // (layout.tensor * layout.pipeline * layout.context)
-        step = tokens_per_step / (run["tokens_per_s"] / replicas * layout.data)
+        seconds = tokens_per_step / (run["tokens_per_s"] / replicas * layout.data)
         vocab = run.get("vocab_size")
         lines.append(
-            f"\nstep time: about {step:.2f} s ({tokens_per_step / step:,.0f} tokens/s), from {run['tokens_per_s']:,.0f} tokens/s measured on "
-            f"{run.get('device', '?')} ({run['source']}, {run.get('date', 'undated')}; vocab "
+            f"\nstep time: about {seconds:.2f} s ({tokens_per_step / seconds:,.0f} tokens/s), from {run['tokens_per_s']:,.0f} tokens/s "
+            f"measured on {run.get('device', '?')} ({run['source']}, {run.get('date', 'undated')}; vocab "
             f"{vocab if vocab else 'not recorded'}), scaled to {layout.data} data-parallel replica(s) without the gradient all-reduce"
         )
     return "\n".join(lines)
@@ -495,7 +481,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).* not installed")
     import torch
 
-    from pretrain.config import ConfigError, load_config
+    from pretrain.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m pretrain.estimate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -132,7 +132,9 @@ def test_ranks_under_srun_and_under_mpiexec_in_an_allocation(cluster, tmp_path):
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         pytest.skip(f"no mpiexec beside {sys.executable} (pip install mpich mpi4py)")
-    show = "from pretrain.distributed import launch_env; print('launch', tuple(vars(launch_env()).values()))"
+    # one write a line: the ranks share the output file
+    show = ("import sys; from pretrain.distributed import launch_env; "
+            "sys.stdout.write(f'launch {tuple(vars(launch_env()).values())}\\n')")
     script = tmp_path / "launchers.sh"
     script.write_text(
         "#!/bin/bash\nset -e\ncd " + str(ROOT) + "\nexport PYTHONPATH=" + str(ROOT) + "\n"
