@@ -66,12 +66,12 @@ def main() -> int:
             overrides = [*STEPS, f'data.manifest="{manifest}"', *overrides]
             config = load_config(str(ROOT / config_path), overrides)
             vocab = vocab_size_of(config)
-            predicted = estimate(config, gpus, vocab).stages[-1]  # the reporting rank's stage
+            predicted = estimate(config, gpus, vocab).ranks[-1]  # the reporting rank's (last pipeline rank)
             out = Path(scratch) / f"run{index}.json"
             command = [sys.executable, str(ROOT / "bench" / "pretrain.py"), "--config", config_path, "--out", str(out),
                        "--skip", "3", "--nproc", str(gpus), *overrides]
             print("running:", " ".join(command), flush=True)
-            row = dict(world_size=gpus, model=config.model.name, vocab_size=vocab, estimated_stage=predicted.stage,
+            row = dict(world_size=gpus, model=config.model.name, vocab_size=vocab, estimated_rank=predicted.rank,
                        overrides=[o for o in overrides if not o.startswith("data.manifest")], estimated_peak_gib=predicted.peak / GIB)
             if subprocess.run(command, cwd=ROOT).returncode == 0:
                 measured = json.loads(out.read_text())

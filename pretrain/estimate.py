@@ -13,13 +13,19 @@ What is counted (bytes; P = parameters on this GPU, D = ZeRO's sharding degree =
 ranks, e = 2 in bf16 runs and 4 in fp32 runs):
 
   parameters     e P (the weights megatron computes with)
-  gradients      g P with ZeRO-1, g P / D with ZeRO-2, where g is DeepSpeed's gradient-accumulation dtype
-                 (data_types.grad_accum_dtype; by default the model's dtype, so bf16 in bf16 runs)
-  reduce bucket  zero_optimization.reduce_bucket_size elements of g (DeepSpeed's default 5e8: 1 GB in bf16),
-                 allocated at the first gradient of a step and held until the step's reduction
   optimizer      4 P / D fp32 master weights + 8 P / D Adam moments (two fp32 states)
-  step           the optimizer step flattens this rank's gradient partition (g P / D) and converts it to
-                 fp32 (4 P / D); activations are gone by then
+  gradients      as DeepSpeed keeps them for pretrain.zero's config (bf16 gradients summed in fp32):
+                 ZeRO-1 in bf16 (DeepSpeed's BF16_Optimizer): a full fp32 gradient buffer (4 P), and the bf16
+                 gradients autograd writes (e P), added to it after each micro-batch, freed after the step;
+                 ZeRO-2 in bf16: this rank's fp32 partition (4 P / D), and during a backward the bf16 reduce
+                 bucket (B = zero_optimization.reduce_bucket_size elements: 1 GB at DeepSpeed's 5e8); a full
+                 bucket's reduction flattens and converts it to fp32, a destination's share at a time
+                 ((e + 4) min(P, B) / D): after the backward, or, when P > B, during it (counted so);
+                 fp32 runs: the gradients (4 P, 4 P / D with ZeRO-2) and the fp32 reduce bucket
+  step           the optimizer step's transients, activations gone by then: ZeRO-1 in bf16 still holds the
+                 bf16 gradients (e P) and its all-reduce flattens the fp32 buffer into one copy (4 P, when
+                 P <= 5e8); ZeRO-2 in bf16: the bucket and the last reduction at the end of the backward (the
+                 step reads the partition in place); fp32 runs 4 P / D
 
   activations    per layer and token, what autograd keeps for the backward (below), times the tokens of one
                  micro-batch on this GPU (micro_batch_size x seq_length / context), times the layers of a
@@ -32,8 +38,8 @@ ranks, e = 2 in bf16 runs and 4 in fp32 runs):
                  statistics (16); the final norm's input and output (2 e h' + 4)
   backward       one layer's gradient temporaries (the kernel's dq, dk, dv, ... or flash attention's)
 
-  peak = parameters + gradients + optimizer
-         + max(activations + logits + reduce bucket + backward temporaries + megatron's buffer, step)
+  peak = parameters + optimizer + gradients
+         + max(backward gradient buffers + activations + logits + backward temporaries + megatron's buffer, step)
 
 Per layer and token, on one tensor-parallel rank (h' = hidden / TP with sequence parallelism, else hidden;
 H' = heads / TP; K, V = key and value head dims; d = attention head dim; F' = ffn / TP; C' = H'(2K + V) conv
@@ -232,7 +238,8 @@ class RankMemory:
     """Model-chunk micro-batches whose activations this rank holds at once."""
     weights: float = 0
     gradients: float = 0
-    reduce_bucket: float = 0
+    gradient_buffers: float = 0
+    """Not held between steps: bf16 gradients waiting to be summed in fp32, reduce buckets."""
     optimizer: float = 0
     step: float = 0
     activations: float = 0
@@ -247,7 +254,7 @@ class RankMemory:
     @property
     def training(self) -> float:
         """At the start of a micro-batch's backward, the peak of the forward and backward."""
-        return self.static + self.activations + self.logits + self.reduce_bucket + self.backward + self.buffers
+        return self.static + self.gradient_buffers + self.activations + self.logits + self.backward + self.buffers
 
     @property
     def peak(self) -> float:
@@ -273,18 +280,35 @@ class Estimate:
         return self.worst.peak
 
 
-def _zero_settings(config, step: Step) -> tuple:
-    """(gradient bytes per parameter, reduce bucket bytes) from the DeepSpeed config the trainer builds."""
+def gradient_memory(config, step: Step, parameters: int) -> tuple:
+    """(gradients, gradient buffers, step transients) in bytes for a rank of `parameters` parameters, as
+    DeepSpeed keeps them for the config pretrain.zero builds (its ZeRO stage, fp32 gradient accumulation)."""
+    from deepspeed.runtime.engine import MEMORY_OPT_ALLREDUCE_SIZE
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from pretrain.zero import deepspeed_config
 
-    ds = deepspeed_config(config, step.bf16, step.layout.data_context)
+    P, D, e = parameters, step.layout.data_context, step.element
+    ds = deepspeed_config(config, step.bf16, D)
     zero = DeepSpeedZeroConfig(**ds["zero_optimization"])
-    accum = ds.get("data_types", {}).get("grad_accum_dtype")
-    grad_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}.get(accum, step.element)
-    buffers = 2 if zero.overlap_comm else 1
-    return grad_bytes, zero.reduce_bucket_size * grad_bytes * buffers if zero.contiguous_gradients else 0
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32", "the counts below are for fp32 gradient accumulation"
+    bucket = zero.reduce_bucket_size * (2 if zero.overlap_comm else 1) if zero.contiguous_gradients else 0
+    if not step.bf16:  # the ZeRO optimizer on the model's own fp32 gradients, its fp32 reduce bucket
+        return 4 * P / (D if zero.stage == 2 else 1), 4 * bucket, 4 * P / D
+    if zero.stage == 1:
+        # BF16_Optimizer: the full fp32 gradient buffer; the bf16 gradients autograd writes stay allocated
+        # (zeroed between micro-batches) until the step; the step's all-reduce flattens the fp32 buffer into
+        # one copy when it fits one allreduce bucket (a single larger tensor is reduced in place).
+        flatten = 4 * P if P <= MEMORY_OPT_ALLREDUCE_SIZE else 0
+        return 4 * P, e * P, e * P + flatten
+    # ZeRO-2: this rank's fp32 partition, and the bf16 reduce bucket from a backward's first gradient to its
+    # end. A full bucket is flattened and converted to fp32 for its reduction, a destination rank's share at a
+    # time: at the end of the backward, activations gone, unless the rank has more parameters than the bucket
+    # holds (then during the backward, counted beside all activations: an upper bound). The optimizer step
+    # reads the fp32 partition in place.
+    reduction = (e + 4) * min(P, zero.reduce_bucket_size) / D
+    during_backward = reduction if P > zero.reduce_bucket_size else 0
+    return 4 * P / D, e * bucket + during_backward, e * bucket + reduction
 
 
 def in_flight(layout: ParallelLayout, rank: int, microbatches: int) -> int:
@@ -307,7 +331,6 @@ def estimate(config, world_size: int, vocab_size: int, bf16: Optional[bool] = No
     step = Step.of(config, world_size, bf16)
     layout, e, t = step.layout, step.element, step.tokens
     vocab_rows = padded_vocab_size(vocab_size, layout.tensor)
-    grad_bytes, bucket = _zero_settings(config, step)
     h = model.hidden_size // layout.tensor if layout.sequence_parallel else model.hidden_size
     chunks = chunk_layers(model, layout)
     ranks = []
@@ -317,10 +340,8 @@ def estimate(config, world_size: int, vocab_size: int, bf16: Optional[bool] = No
         flight = in_flight(layout, rank, step.num_microbatches)
         m = RankMemory(rank, P, sum(map(len, mine)), flight)
         m.weights = e * P
-        m.gradients = grad_bytes * P / (layout.data_context if layout.zero_stage == 2 else 1)
-        m.reduce_bucket = bucket
         m.optimizer = 12 * P / layout.data_context
-        m.step = (grad_bytes + (4 if grad_bytes != 4 else 0)) * P / layout.data_context
+        m.gradients, m.gradient_buffers, m.step = gradient_memory(config, step, P)
         per_layer = {mixer: sum(layer_terms(model, mixer, step).values()) for chunk in mine for mixer in chunk}
         per_chunk = max(sum(per_layer[mixer] for mixer in chunk) for chunk in mine)
         if step.recompute:  # each layer's input, and one layer rebuilt at a time
@@ -425,9 +446,9 @@ def report(config, world_size: int, vocab_size: int, vocab_note: str) -> str:
     a, b = plain.worst, recomputed.worst
     rows = [
         (f"parameters ({a.parameters / 1e6:,.0f}M on this GPU)", a.weights, b.weights),
-        (f"gradients (ZeRO-{layout.zero_stage})", a.gradients, b.gradients),
         (f"optimizer (fp32 master + Adam, sharded {layout.data_context} ways)", a.optimizer, b.optimizer),
-        ("ZeRO reduce bucket", a.reduce_bucket, b.reduce_bucket),
+        (f"gradients (ZeRO-{layout.zero_stage})", a.gradients, b.gradients),
+        ("gradient buffers during a backward", a.gradient_buffers, b.gradient_buffers),
         (f"activations ({a.layers} layers, {a.in_flight} micro-batch(es) in flight)", a.activations, b.activations),
         ("logits and final norm", a.logits, b.logits),
         ("backward temporaries, buffers", a.backward + a.buffers, b.backward + b.buffers),
