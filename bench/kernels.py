@@ -1,6 +1,6 @@
 """Benchmark of the KLA Triton kernels beside fla (issue 4), on one GPU, in one run.
 
-Per shape of shared/ANCHORS.md, fwd and fwd+bwd (bf16 inputs, fp32 gates), triton.testing.do_bench
+Per shape of SHAPES (the paper's 0.4B layer, a K128 V128 layer, 64K tokens), fwd and fwd+bwd (bf16 inputs, fp32 gates), triton.testing.do_bench
 medians of:
   ours            chunk_kla (KLA: key norm, beta, q norm and gate cumsum inside the kernels), states kept
   ours_recompute  the same with keep_states=False: the backward recomputes them, as fla does
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import chunk_kla, fused_recurrent_kla  # noqa: E402
 from bench.peers import unlock_fla_backward  # noqa: E402
 
-BANDWIDTH = 3.0e12   # bytes/s, device-to-device copy measured on the H100 (ANCHORS.md)
+BANDWIDTH = 3.0e12   # bytes/s, device-to-device copy measured on the H100 (docs/design.md, section 4)
 MATMUL = 690e12      # bf16 FLOP/s
 SHAPES = [(8, 4096, 12, 96, 192), (4, 8192, 16, 128, 128), (1, 65536, 12, 96, 192)]
 DECODE_BATCHES = [1, 16, 64, 256]
@@ -159,7 +159,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/kernels.json")
     parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),
-                        help="B,T,H,K,V;... (default: the ANCHORS.md shapes)")
+                        help="B,T,H,K,V;... (default: the paper's 0.4B layer, B4 T8192 H16 K128 V128, B1 T65536)")
     parser.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)), help="'' skips decode")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes.split(";") if shape]

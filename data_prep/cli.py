@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"data_prep {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # an output that cannot be written, an input that vanished
+    except OSError as error:  # an output that cannot be written, an input that cannot be read
         where = f" {error.filename}" if error.filename else ""
         print(f"data_prep {args.command}: error: cannot use{where}: {error.strerror or error}", file=sys.stderr)
         return 2
@@ -161,7 +161,10 @@ def print_summary(totals, groups, seconds: float):
             print(f"  kept (already complete): {', '.join(group.prefixes.values())}")
             continue
         for split, prefix in group.prefixes.items():
-            print(f"  wrote {prefix}.bin/.idx/.json ({split})")
+            documents, tokens = totals.written[prefix]
+            print(f"  wrote {prefix}.bin/.idx/.json ({split}: {documents:,} document(s), {tokens:,} tokens)")
+    for note in totals.notes:
+        print(f"  note: {note}")
     if totals.empty:
         print(f"  dropped {totals.empty:,} empty document(s)")
     for path, counts in totals.skipped.items():

@@ -53,6 +53,8 @@ class Totals:
     skipped: dict = field(default_factory=dict)  # path -> {reason: count}
     first_skipped_lines: dict = field(default_factory=dict)  # path -> {reason: [line numbers]}
     skipped_groups: list = field(default_factory=list)  # outputs already complete (--resume)
+    written: dict = field(default_factory=dict)  # prefix -> (documents, tokens)
+    notes: list = field(default_factory=list)  # what the user should know about the outputs
 
 
 def plan_outputs(files: list[InputFile], prefix: str, per_input: bool, valid_fraction: float) -> list[OutputGroup]:
@@ -115,19 +117,25 @@ def _tokenize_group(group: OutputGroup, settings: TokenizeSettings, workers, pro
     try:
         documents_seen = 0
         bytes_before = {f.path: 0 for f in group.files}
+        held = None  # the newest block with documents, split but not yet written: see _split_both_ways
         for block, result in workers.map(_blocks(group.files, settings)):
             tokens, lengths, parsed = result
             _count_skips(block.file.path, parsed, totals)
             if "all" in writers:
                 writers["all"].add_documents(tokens, lengths)
-            else:
+            elif len(lengths):
+                if held is not None:
+                    _write_split(writers, *held)
                 valid = is_valid_document(documents_seen + np.arange(len(lengths)), settings.valid_fraction, settings.split_seed)
-                token_is_valid = np.repeat(valid, lengths)
-                writers["train"].add_documents(tokens[~token_is_valid], lengths[~valid])
-                writers["valid"].add_documents(tokens[token_is_valid], lengths[valid])
+                held = (tokens, lengths, valid)
             documents_seen += len(lengths)
             progress.update(len(lengths), int(tokens.size), block.file_offset - bytes_before[block.file.path])
             bytes_before[block.file.path] = block.file_offset
+        if "all" not in writers:
+            note = _split_both_ways(writers, held, documents_seen, settings.valid_fraction)
+            if note:
+                totals.notes.append(note)
+            _write_split(writers, *held)
         for writer in writers.values():
             writer.finish()
         for writer in writers.values():
@@ -139,7 +147,32 @@ def _tokenize_group(group: OutputGroup, settings: TokenizeSettings, workers, pro
     for split, writer in writers.items():
         totals.documents[split] += writer.documents
         totals.tokens[split] += writer.tokens
+        totals.written[writer.prefix] = (writer.documents, writer.tokens)
         write_json(writer.prefix + ".json", _metadata(writer, split, group, settings, totals))
+
+
+def _write_split(writers: dict, tokens: np.ndarray, lengths: np.ndarray, valid: np.ndarray):
+    token_is_valid = np.repeat(valid, lengths)
+    writers["train"].add_documents(tokens[~token_is_valid], lengths[~valid])
+    writers["valid"].add_documents(tokens[token_is_valid], lengths[valid])
+
+
+def _split_both_ways(writers: dict, held, documents: int, fraction: float):
+    """Neither split may end empty (a small corpus or fraction can draw no validation document, and
+    an empty dataset cannot be trained or validated on): the last document, still held back, moves
+    to the empty split. Returns a note saying so, or None; refuses a corpus of fewer than 2 documents."""
+    if documents < 2:
+        raise InputError(
+            f"--valid-fraction {fraction:g} splits documents into train and valid, but the input has {documents}"
+            " document(s): add documents, or leave out --valid-fraction"
+        )
+    _, _, valid = held
+    counts = {"train": writers["train"].documents + int((~valid).sum()), "valid": writers["valid"].documents + int(valid.sum())}
+    empty = [split for split, count in counts.items() if count == 0]
+    if not empty:
+        return None
+    valid[-1] = empty[0] == "valid"
+    return f"--valid-fraction {fraction:g} drew no {empty[0]} document of {documents}; the last document went to {empty[0]}"
 
 
 def is_valid_document(document_numbers: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -5,7 +5,7 @@ parallel layout and precision come from the training config and are joined here 
 `transformer_config`, the one place where our settings become megatron's.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -19,39 +19,61 @@ Mixer = Literal["kla", "gdn", "attention"]
 class ModelConfig:
     num_layers: int
     hidden_size: int
+    """The residual stream's width."""
     num_heads: int
     """Heads of the linear-attention mixer and of softmax attention alike."""
     key_head_dim: int
+    """K: the width of a KLA/GDN head's keys and queries (its state is K x V)."""
     value_head_dim: int
+    """V: the width of a KLA/GDN head's values and outputs."""
     ffn_hidden_size: int
+    """The SwiGLU MLP's inner width."""
     mixer: Mixer = "kla"
     """kla: Kaczmarz step on raw keys; gdn: Gated DeltaNet (L2-normalised keys, beta = eta);
     attention: a plain pre-norm transformer with RoPE."""
     attention_every: int = 0
     """Hybrid models: every N-th layer (N, 2N, ...) is softmax attention; 0 keeps all layers `mixer`."""
     attention_head_dim: int = 128
+    """Softmax attention layers' head width."""
     conv_kernel: int = 4
+    """Width of the causal depthwise convolution over q, k and v."""
     kla_eps: float = 1e-6
     """The eps of beta_t = eta_t / (||k_t||^2 + eps)."""
     norm_eps: float = 1e-6
+    """The eps of every RMSNorm."""
     kernel_backend: str = "auto"
     """chunk_kla backend: auto (Triton on GPU, PyTorch on CPU), triton, or torch."""
     kernel_keep_states: bool = True
     """Triton: keep each layer's per-chunk states for its backward (faster; 2K + 2V + K V / 32 bytes per token
     and head, e.g. 14 MB per 1K tokens per layer at 12 heads of K96 V192); false recomputes them, as fla does."""
     init_std: float = 0.02
+    """Standard deviation of the normal initialisation of the linear and embedding weights."""
     tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
     rope_base: int = 10000
+    """RoPE base of the attention layers (models without attention use no positions)."""
 
     def __post_init__(self):
         if self.mixer not in ("kla", "gdn", "attention"):
             raise ValueError(f"model.mixer must be 'kla', 'gdn' or 'attention', got {self.mixer!r}")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"model.kernel_backend must be 'auto', 'torch' or 'triton', got {self.kernel_backend!r}")
+        sizes = ("num_layers", "hidden_size", "num_heads", "key_head_dim", "value_head_dim", "ffn_hidden_size",
+                 "attention_head_dim", "conv_kernel")
+        for name in sizes:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.attention_every < 0:
             raise ValueError(f"model.attention_every must be >= 0, got {self.attention_every}")
         if self.hidden_size % self.num_heads and self.mixer == "attention":
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
             )
+
+    def architecture(self) -> dict:
+        """The fields that give trained weights their meaning; not those choosing how the same function
+        is computed (kernel_backend, kernel_keep_states) or how a new model starts (init_std)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("kernel_backend", "kernel_keep_states", "init_std")}
 
     def layer_mixer(self, layer_number: int) -> Mixer:
         """Which mixer the 1-based `layer_number` uses."""
@@ -164,4 +186,5 @@ def transformer_config(
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        cuda_graph_scope=[],  # megatron's own default, "full", warns that it is deprecated
     )

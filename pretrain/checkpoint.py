@@ -89,6 +89,12 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
+def read_trainer_state(path: Path) -> dict:
+    """A complete checkpoint's trainer.json (step, data position, schedule, layout, model), readable
+    before any process group exists."""
+    return json.loads((path / "trainer.json").read_text())
+
+
 def is_checkpoint(path: Path) -> bool:
     return (path / "state" / "metadata.json").is_file()
 
@@ -273,6 +279,17 @@ def load_model(path: Path, model: torch.nn.Module) -> None:
     with torch.no_grad():
         for key, sharding in _parameter_shardings(model).items():
             sharding.data.copy_(masters[key])
+
+
+def save_model(path: Path, model: torch.nn.Module) -> None:
+    """Collective: a weights-only checkpoint in `path` (state/: the model's weights as fp32 masters, no optimizer
+    state), which load_model and checkpoint.init_from read at any layout; the Hugging Face import writes one."""
+    state = {"model": {key: _holding(s, s.data.float()) for key, s in _parameter_shardings(model).items()}}
+    if dist.get_rank() == 0:
+        (path / "state").mkdir(parents=True)
+    dist.barrier()
+    with cuda_bookkeeping_on_cpu():
+        dist_checkpointing.save(state, str(path / "state"))
 
 
 def load_training_state(path: Path, engine, load_optimizer: bool, layout: dict) -> dict:

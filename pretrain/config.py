@@ -6,14 +6,16 @@ Every key is checked against the tree: a misspelt key stops the run at once with
 keys, before any process group, GPU memory or data is touched.
 """
 
+import ast
 import dataclasses
+import inspect
 import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from kla_megatron.config import ModelConfig, named_model
+from kla_megatron.config import NAMED_MODELS, ModelConfig, named_model
 
 
 class ConfigError(ValueError):
@@ -23,17 +25,18 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     name: str = "tiny"
-    """A named model of kla_megatron.config.NAMED_MODELS."""
+    """A named model; its fields can be changed one by one as model.<field>."""
     overrides: dict = field(default_factory=dict)
     """Fields of ModelConfig to change, e.g. {mixer = "gdn"}; also settable as model.<field>=value."""
 
     def resolve(self) -> ModelConfig:
-        valid = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(self.overrides) - valid)
+        hints = get_type_hints(ModelConfig)
+        unknown = sorted(set(self.overrides) - set(hints))
         if unknown:
-            raise ConfigError(f"unknown model setting(s) {unknown}; valid ones: {sorted(valid)}")
+            raise ConfigError(f"unknown model setting(s) {unknown}; valid ones: {sorted(hints)}")
+        overrides = {key: _check_type(value, hints[key], f"model.{key}") for key, value in self.overrides.items()}
         try:
-            return dataclasses.replace(named_model(self.name), **self.overrides)
+            return dataclasses.replace(named_model(self.name), **overrides)
         except ValueError as e:  # an unknown name or an inconsistent shape
             raise ConfigError(str(e)) from None
 
@@ -47,11 +50,15 @@ class DataSection:
     train_prefixes: list = field(default_factory=list)
     """Megatron indexed datasets (PREFIX.bin/.idx); several are blended by train_weights."""
     train_weights: list = field(default_factory=list)
+    """One positive weight per train prefix (normalised); empty weighs them by size."""
     valid_prefixes: list = field(default_factory=list)
+    """Validation datasets; empty splits validation samples off train_prefixes by `split`."""
     valid_weights: list = field(default_factory=list)
+    """One positive weight per valid prefix, as train_weights."""
     split: str = "99,1,0"
     """Train/valid/test split of train_prefixes, used only when valid_prefixes is empty."""
     seq_length: int = 256
+    """Tokens per sample (documents are packed across sample boundaries)."""
     reset_state_at_eod: bool = False
     """Treat each EOD-terminated document of a sample as its own sequence: the conv, the recurrent state and
     attention restart at every document start (packed documents, megatron's THD format)."""
@@ -60,17 +67,26 @@ class DataSection:
 @dataclass
 class TrainingSection:
     steps: int = 100
+    """Optimizer steps of the whole run; the learning rate decays to min_lr over them."""
     micro_batch_size: int = 4
+    """Samples per forward/backward on one data-parallel rank."""
     global_batch_size: int = 8
+    """Samples per optimizer step over all ranks: a multiple of micro_batch_size x data-parallel size."""
     lr: float = 1e-3
+    """Peak learning rate, reached after warmup_steps."""
     min_lr: float = 1e-4
+    """Learning rate at the last step."""
     warmup_steps: int = 10
+    """Linear warmup from 0 to lr, in [0, steps)."""
     lr_decay_style: str = "cosine"
+    """The learning-rate decay after warmup: cosine, linear, constant or inverse-square-root."""
     weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases, A_log and dt_bias)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 turns it off."""
     precision: str = "auto"
     """bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
     recompute: bool = False
@@ -107,6 +123,7 @@ class EvalSection:
     interval: int = 50
     """Validate every N steps and at the end; 0 turns validation off."""
     iters: int = 4
+    """Global batches per validation (the same ones every time)."""
 
 
 @dataclass
@@ -116,6 +133,7 @@ class CheckpointSection:
     keep: int = 2
     """How many completed checkpoints to keep on disk (oldest go first)."""
     load_optimizer: bool = True
+    """On --resume, restore the ZeRO optimizer state too; false keeps only the weights (another layout)."""
     init_from: Optional[str] = None
     """A checkpoint folder (checkpoints/step_N) whose model weights start a new run, at any TP/PP
     layout; optimizer, schedule and data position start fresh. Ignored when --resume finds one."""
@@ -124,7 +142,9 @@ class CheckpointSection:
 @dataclass
 class LoggingSection:
     interval: int = 1
+    """Print a console line every N steps (TensorBoard gets every step)."""
     tensorboard: bool = True
+    """Write TensorBoard events to output_dir/tb."""
     profile_steps: list = field(default_factory=list)
     """[first, last): profile these steps with torch.profiler and write the GPU time per model component to
     output_dir/profile/step_profile.json (e.g. [10, 13]); empty: no profiling."""
@@ -178,12 +198,19 @@ def _check_type(value: Any, hint, path: str):
         if value is None:
             return None
         (hint,) = [t for t in get_args(hint) if t is not type(None)]
+    if get_origin(hint) is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"config key {path!r} wants one of {', '.join(map(repr, get_args(hint)))}, got {value!r}")
+        return value
     expected = get_origin(hint) or hint
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-        raise ConfigError(f"config key {path!r} wants a {expected.__name__}, got {value!r}")
+        raise ConfigError(f"config key {path!r} wants {_KIND[expected]}, got {value!r}")
     return value
+
+
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a table"}
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -221,3 +248,74 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
 
 def save_config(config: TrainConfig, path: Path) -> None:
     path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The string under each field of a dataclass: its doc, which Python does not keep at run time."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {
+        node.target.id: inspect.cleandoc(doc.value.value)
+        for node, doc in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    }
+
+
+def _toml(value) -> str:
+    # JSON spells strings, numbers, booleans and lists of them as TOML does.
+    return json.dumps(value)
+
+
+def describe_keys() -> str:
+    """Every config key with its default and its doc, generated from the dataclasses above (--help)."""
+    lines = [
+        "config keys, with their defaults: set them in a TOML file ([section] then key = value) or on the",
+        "command line as section.key=value (TOML values; bare strings need no quotes).",
+    ]
+
+    def describe(cls, instance, prefix: str, skip=()):
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if f.name in skip or dataclasses.is_dataclass(value):
+                continue
+            lines.append(f"  {prefix}{f.name} = {'(unset)' if value is None else _toml(value)}")
+            if f.name in docs:
+                lines.extend(f"      {line}" for line in docs[f.name].splitlines())
+
+    defaults = TrainConfig()
+    describe(TrainConfig, defaults, "")
+    for f in dataclasses.fields(TrainConfig):
+        section = getattr(defaults, f.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        lines.append(f"\n[{f.name}]")
+        describe(type(section), section, f"{f.name}.", skip=("overrides",))
+        if isinstance(section, ModelSection):
+            lines.append(f"      named models: {', '.join(NAMED_MODELS)}")
+            lines.append(f"  model.<field>: each field of the named model can be changed; shown are model.name={_toml(section.name)}'s")
+            describe(ModelConfig, section.resolve(), "model.")
+    return "\n".join(lines)
+
+
+def config_toml(config: TrainConfig) -> str:
+    """The full resolved config as TOML (the named model spelt out field by field): what --print-config
+    prints, and a valid config file that load_config reads back to the same run."""
+    lines = []
+
+    def section(instance, skip=()):
+        for f in dataclasses.fields(instance):
+            value = getattr(instance, f.name)
+            if f.name in skip or dataclasses.is_dataclass(value):
+                continue
+            lines.append(f"# {f.name} unset" if value is None else f"{f.name} = {_toml(value)}")
+
+    section(config)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"\n[{f.name}]")
+            section(value, skip=("overrides",))
+            if isinstance(value, ModelSection):
+                section(value.resolve())
+    return "\n".join(lines) + "\n"

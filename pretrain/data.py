@@ -7,6 +7,7 @@ each data-parallel rank its own samples in a fixed order, from a position that a
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -14,7 +15,7 @@ from typing import Iterator, Optional
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tokenizers import MegatronTokenizer
 
@@ -61,7 +62,10 @@ class DataFiles:
                 valid = manifest.get("valid_prefixes") or ([manifest["valid_prefix"]] if "valid_prefix" in manifest else [])
                 valid_weights = valid_weights or manifest.get("valid_weights", [])
         if not tokenizer:
-            raise ConfigError("no tokenizer: set data.tokenizer (tokenizer.model or tokenizer.json) or data.manifest")
+            raise ConfigError(
+                "no data: set data.tokenizer and data.train_prefixes, or data.manifest (to try things, "
+                "`python -m data_prep default-corpus --output DIR` writes DIR/manifest.json)"
+            )
         if not Path(tokenizer).exists():
             raise ConfigError(f"tokenizer {tokenizer} does not exist; set data.tokenizer to the file data_prep used")
         if not train:
@@ -88,20 +92,21 @@ def _weights(weights: list, prefixes: list, which: str) -> Optional[list]:
 
 
 def check_indexed_dataset(prefix: str, tokenizer_sha256: Optional[str] = None) -> None:
-    """Stop early, with the fix, on a missing or corrupt PREFIX.bin/.idx, or one that data_prep's
-    PREFIX.json says was written with another tokenizer."""
+    """Stop early, with the fix, on a missing, empty or corrupt PREFIX.bin/.idx, or one that
+    data_prep's PREFIX.json says was written with another tokenizer."""
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
             raise ConfigError(
                 f"dataset {prefix}{suffix} does not exist; write it with "
                 f"`python -m data_prep tokenize --output-prefix {prefix} ...` or fix the path"
             )
-    try:
-        dataset = IndexedDataset(prefix)
-    except Exception as e:  # megatron asserts on a bad header or a truncated index
-        raise ConfigError(f"dataset index {prefix}.idx is corrupt ({e}); re-run data_prep tokenize for it") from None
+    documents, expected = _read_index(prefix)
+    if documents == 0:
+        raise ConfigError(
+            f"dataset {prefix} is empty (0 documents); re-run data_prep tokenize with more input or a larger "
+            "--valid-fraction, or leave it out of the config"
+        )
     bin_bytes = Path(prefix + ".bin").stat().st_size
-    expected = int(dataset.index.sequence_pointers[-1]) + int(dataset.index.sequence_lengths[-1]) * dataset.index.dtype_size if len(dataset) else 0
     if bin_bytes != expected:
         raise ConfigError(
             f"dataset {prefix}.bin has {bin_bytes} bytes but its .idx describes {expected}; "
@@ -115,6 +120,33 @@ def check_indexed_dataset(prefix: str, tokenizer_sha256: Optional[str] = None) -
                 f"dataset {prefix} was tokenized with another tokenizer than data.tokenizer (see {metadata}); "
                 "point data.tokenizer at the one data_prep used, or re-tokenize the dataset"
             )
+
+
+def _read_index(prefix: str) -> tuple[int, int]:
+    """(sequences, bytes of .bin they describe) from the header and last entries of PREFIX.idx.
+
+    Read here rather than through megatron's IndexedDataset, whose constructor, when it fails on a
+    bad or empty file, leaves an object that prints two "Exception ignored in __del__" tracebacks.
+    Layout: magic (9 bytes), version <Q, dtype code <B, sequences n <Q, document starts d <Q,
+    lengths int32[n], byte offsets int64[n], document starts int64[d]."""
+    path = Path(prefix + ".idx")
+    corrupt = f"dataset index {path} is corrupt ({{}}); re-run data_prep tokenize for it"
+    with open(path, "rb") as f:
+        header = f.read(34)
+        if len(header) < 34 or header[:9] != _INDEX_HEADER:
+            raise ConfigError(corrupt.format("not a megatron indexed dataset header"))
+        version, code, sequences, documents = struct.unpack("<QBQQ", header[9:])
+        if version != 1 or code not in {d.value for d in DType}:
+            raise ConfigError(corrupt.format(f"version {version}, dtype code {code}"))
+        if path.stat().st_size != 34 + 12 * sequences + 8 * documents:
+            raise ConfigError(corrupt.format(f"{path.stat().st_size} bytes, but its header promises {sequences} sequences"))
+        if sequences == 0:
+            return 0, 0
+        f.seek(34 + 4 * (sequences - 1))
+        (last_length,) = struct.unpack("<i", f.read(4))
+        f.seek(34 + 4 * sequences + 8 * (sequences - 1))
+        (last_offset,) = struct.unpack("<q", f.read(8))
+    return sequences, last_offset + last_length * DType.size(code)
 
 
 def load_tokenizer(path: str):

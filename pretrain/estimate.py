@@ -74,7 +74,6 @@ import dataclasses
 import json
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -498,8 +497,7 @@ def _world_size(config, given: Optional[int]) -> int:
 
 
 def main(argv=None) -> int:
-    # megatron-core announces at import that it falls back from Apex/Transformer Engine, which we do not use
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).* not installed")
+    import kla_megatron  # noqa: F401  (first: it silences megatron-core's import noise)
     import torch
 
     from pretrain.config import load_config

@@ -51,9 +51,9 @@ class ParallelLayout:
         """megatron's pipeline_model_parallel_layout for uneven splits (None for an even split)."""
         if self.pipeline_layers is None:
             return None
-        chunks = [["t"] * n for n in self.pipeline_layers]
-        chunks[0].insert(0, "E")
-        chunks[-1].append("L")
+        chunks = [["decoder"] * n for n in self.pipeline_layers]
+        chunks[0].insert(0, "embedding")
+        chunks[-1].append("loss")
         return chunks
 
     @staticmethod
@@ -79,11 +79,8 @@ class ParallelLayout:
             raise ConfigError("parallel.sequence_parallel splits the sequence between tensor-parallel ranks and needs "
                               "parallel.tensor > 1; set sequence_parallel=false or tensor=2 or more")
         if p.sequence_parallel and not cuda:
-            raise ConfigError("parallel.sequence_parallel needs GPUs (megatron's sequence-parallel communication is "
-                              "CUDA-only); set sequence_parallel=false on CPU")
-        if p.pipeline > 1 and not cuda:
-            raise ConfigError("parallel.pipeline > 1 needs GPUs (megatron's pipeline send/recv is CUDA-only); "
-                              "set pipeline=1 on CPU")
+            raise ConfigError("parallel.sequence_parallel needs GPUs (megatron forks its CUDA random-number tracker in "
+                              "the sequence-parallel embedding); set sequence_parallel=false on CPU")
         if p.virtual_pipeline > 1 and p.pipeline == 1:
             raise ConfigError("parallel.virtual_pipeline > 1 interleaves pipeline stages and needs parallel.pipeline > 1")
         if p.zero_stage not in (1, 2):

@@ -5,17 +5,17 @@ file, instead of in every task or after hours in the queue.
     python -m pretrain.preflight --config C [--gpus N] [--gpu-memory GIB] [section.key=value ...]
     python -m pretrain.preflight --config C --nodes-for GPUS_PER_NODE [...]   # prints "NODES TASKS_PER_NODE"
 
-It runs everything `python -m pretrain` checks at start-up for N processes (config, layout against
-the process count, data, tokenizer, a writable output dir, and the memory estimate against this
-node's GPU or --gpu-memory), then that the job gives one task per GPU; it prints a summary and,
-last, `output_dir=PATH` for the script to probe from every node (an output dir must be shared).
+It runs everything `python -m pretrain --resume` checks at start-up for N processes (config, layout
+against the process count, data, tokenizer, a writable output dir, the memory estimate against this
+node's GPU or --gpu-memory, and that a checkpoint to resume holds the same model), then that the job
+gives one task per GPU; it prints a summary and, last, `output_dir=PATH` for the script to probe from
+every node (an output dir must be shared).
 """
 
 import argparse
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 GIB = 2**30
@@ -71,12 +71,13 @@ def check_one_task_per_gpu() -> None:
 
 
 def main(argv=None) -> int:
-    # megatron-core announces at import that it falls back from Apex/Transformer Engine, which we do not use
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).* not installed")
+    import kla_megatron  # noqa: F401  (first: it silences megatron-core's import noise)
     import torch
 
     from pretrain.config import ConfigError, load_config
     from pretrain.estimate import check_fits, estimate, vocab_size_of, PAPER_VOCAB
+    from pretrain import checkpoint
+    from pretrain.resume import check_resume
     from pretrain.train import check_config
 
     parser = argparse.ArgumentParser(prog="python -m pretrain.preflight", description=__doc__,
@@ -98,7 +99,10 @@ def main(argv=None) -> int:
             world = args.gpus or int(os.environ.get("SLURM_NTASKS", 0)) or layout_world_size(config)
         # On a login node (--nodes-for) the run is checked for the GPU nodes it will get; in a job, for this
         # node, whose GPU (if any) the memory check also uses.
-        check_config(config, world, gpus=True if args.nodes_for else None)
+        model, _, _ = check_config(config, world, gpus=True if args.nodes_for else None)
+        latest = checkpoint.latest_checkpoint(Path(config.output_dir) / "checkpoints")
+        if latest is not None:  # the job always resumes
+            check_resume(latest, model, config.training)
         vocab = vocab_size_of(config) or PAPER_VOCAB
         if args.gpu_memory and not torch.cuda.is_available():
             check_fits(config, world, vocab, int(args.gpu_memory * GIB), f"a GPU of {args.gpu_memory:g} GiB")

@@ -8,11 +8,9 @@ Launch with torchrun, srun or mpiexec for several processes; alone it runs as on
 
 import argparse
 import itertools
-import json
 import os
 import signal
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -26,13 +24,19 @@ from kla_megatron import build_model_chunks, transformer_config
 from kla_megatron.init import initialize_weights
 from kla_megatron.config import ModelConfig
 from pretrain import checkpoint, profiling, zero
-from pretrain.config import ConfigError, TrainConfig, load_config, save_config
+from pretrain.config import ConfigError, TrainConfig, config_toml, describe_keys, load_config, save_config
 from pretrain.cpu import cuda_bookkeeping_on_cpu
 from pretrain.data import DataFiles, MicroBatches, build_datasets, load_tokenizer, model_inputs
 from pretrain.distributed import init_distributed, launch_env, shutdown
+from pretrain.history import History
 from pretrain.layout import ParallelLayout
 from pretrain.metrics import Metrics, model_flops_per_token
 from pretrain.profiling import StepProfiler, component_range
+from pretrain.resume import check_resume
+from pretrain.run_log import log_to_file
+
+# megatron's OptimizerParamScheduler styles that need no settings of their own (WSD needs several).
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 
 
 def check_config(config: TrainConfig, world_size: int, gpus: Optional[bool] = None) -> tuple[ModelConfig, ParallelLayout, DataFiles]:
@@ -63,8 +67,18 @@ def check_config(config: TrainConfig, world_size: int, gpus: Optional[bool] = No
         raise ConfigError(f"training.precision must be auto, bf16 or fp32, got {t.precision!r}")
     if t.precision == "bf16" and not cuda:
         raise ConfigError("training.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
+    if t.recompute and not cuda:
+        raise ConfigError("training.recompute needs a GPU (megatron's activation recompute saves CUDA RNG states); set it to false")
+    if model.kernel_backend == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("model.kernel_backend=triton needs a GPU (or TRITON_INTERPRET=1, slow, for tests); use auto or torch on CPU")
     if not 0 <= t.warmup_steps < t.steps:
-        raise ConfigError(f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps})")
+        raise ConfigError(
+            f"training.warmup_steps={t.warmup_steps} must be in [0, training.steps={t.steps}); lower it or raise training.steps"
+        )
+    if t.lr_decay_style not in LR_DECAY_STYLES:
+        raise ConfigError(f"training.lr_decay_style must be one of {', '.join(LR_DECAY_STYLES)}, got {t.lr_decay_style!r}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"training.min_lr={t.min_lr} must be in [0, training.lr={t.lr}]")
     profile = config.logging.profile_steps
     if profile and not (len(profile) == 2 and 0 <= profile[0] < profile[1] <= t.steps):
         raise ConfigError(f"logging.profile_steps={profile} must be [first, last) with 0 <= first < last <= training.steps, e.g. [10, 13]")
@@ -154,7 +168,7 @@ def is_reporting_rank(groups) -> bool:
     return groups.pp.rank() == groups.pp.size() - 1 and groups.dp_cp.rank() == 0 and groups.tp.rank() == 0
 
 
-def run(config: TrainConfig, resume: bool) -> dict:
+def run(config: TrainConfig, resume: bool) -> History:
     stop = StopSignal()  # first: a signal during start-up is honoured after the first step
     env = launch_env()
     model_config, layout, files = check_config(config, env.world_size)
@@ -164,8 +178,19 @@ def run(config: TrainConfig, resume: bool) -> dict:
         raise ConfigError(f"{ckpt_root} already holds a checkpoint; pass --resume to continue it, or use a new output_dir")
 
     t = config.training
+    latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
+    saved_step, notes = check_resume(latest, model_config, t) if latest is not None else (0, [])
+    if saved_step >= t.steps:
+        if env.rank == 0:
+            print(f"nothing to do: {latest} is step {saved_step} and training.steps={t.steps}; raise training.steps to train further", flush=True)
+        return History()
     groups = init_distributed(env, layout)
     rank0 = dist.get_rank() == 0
+    reporting = is_reporting_rank(groups)
+    if rank0 or reporting:
+        log_to_file(out / ("train.log" if rank0 else f"train_rank{dist.get_rank()}.log"))
+    for note in notes if rank0 else ():
+        print(f"note: {note}", flush=True)
     dp_rank, dp_size = groups.dp.rank(), groups.dp.size()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
@@ -188,8 +213,8 @@ def run(config: TrainConfig, resume: bool) -> dict:
         use_cpu_initialization=not torch.cuda.is_available(),
         recompute=t.recompute,
     )
-    model = build_model_chunks(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length, groups)
-    latest = checkpoint.latest_checkpoint(ckpt_root) if resume else None
+    with cuda_bookkeeping_on_cpu():
+        model = build_model_chunks(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length, groups)
     start_weights = latest or (Path(config.checkpoint.init_from) if config.checkpoint.init_from else None)
     # Before DeepSpeed takes its fp32 master copy of the weights (a resume sets the masters from the checkpoint).
     if latest is None and start_weights is not None:
@@ -232,8 +257,9 @@ def run(config: TrainConfig, resume: bool) -> dict:
     elif resume and rank0:
         print(f"--resume: no checkpoint under {ckpt_root}, starting from scratch", flush=True)
     batches = MicroBatches(train_ds, t.micro_batch_size, dp_rank, dp_size, consumed)
+    history_path = out / f"history_rank{dist.get_rank()}.json"
+    history = History.resume(history_path, step) if latest is not None else History()
 
-    reporting = is_reporting_rank(groups)
     tokens_per_step = t.global_batch_size * config.data.seq_length
     metrics = Metrics(
         out / "tb" if reporting and config.logging.tensorboard else None,
@@ -241,12 +267,14 @@ def run(config: TrainConfig, resume: bool) -> dict:
         tokens_per_step,
         model_flops_per_token(model_config, tokenizer.vocab_size, config.data.seq_length),
         env.world_size,
+        step,
     )
+    n_params = sum(x.numel() for x in model.parameters())
+    trained = f"{config.model.name} ({model_config.mixer}, {n_params / 1e6:.1f}M parameters on rank 0)"
     if rank0:
         save_config(config, out / "config.json")
-        n_params = sum(x.numel() for x in model.parameters())
         print(
-            f"training {config.model.name} ({model_config.mixer}, {n_params / 1e6:.1f}M parameters on rank 0) | "
+            f"training {trained} | "
             f"{env.world_size} process(es) ({env.launcher}): {layout.describe()}, "
             f"{'bf16' if bf16 else 'fp32'} on {'cuda' if torch.cuda.is_available() else 'cpu'} | "
             f"{num_microbatches} micro-batches x {t.micro_batch_size} x {config.data.seq_length} tokens per rank "
@@ -284,14 +312,16 @@ def run(config: TrainConfig, resume: bool) -> dict:
     checkpointer = checkpoint.Checkpointer(ckpt_root, config.checkpoint.keep)
 
     def save() -> None:
-        trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(), "layout": layout.as_dict()}
+        if reporting:
+            history.save(history_path)
+        trainer_state = {"step": step, "consumed_samples": batches.consumed_samples, "scheduler": scheduler.state_dict(),
+                         "layout": layout.as_dict(), "model": model_config.architecture()}
         checkpointer.save(step, engine, trainer_state)
 
-    history = {"train_loss": {}, "valid_loss": {}}
     profile_steps = config.logging.profile_steps
     profiler = StepProfiler(engine.module, *profile_steps, out / "profile") if profile_steps else None
     engine.train()
-    metrics.start(step)
+    metrics.start()
     while step < t.steps:
         if profiler:
             profiler.step_begin(step)
@@ -304,7 +334,7 @@ def run(config: TrainConfig, resume: bool) -> dict:
         step += 1
         loss = mean_loss(losses, groups)
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        history["train_loss"][step] = loss
+        history.train_loss[step] = loss
         if profiler and (summary := profiler.step_end(step)) is not None and rank0:
             print(f"profile of steps {profile_steps[0]}..{profile_steps[1] - 1} (rank 0):\n{profiling.format_table(summary)}\n"
                   f"written to {out / 'profile' / 'step_profile.json'}", flush=True)
@@ -313,14 +343,14 @@ def run(config: TrainConfig, resume: bool) -> dict:
             metrics.train(step, loss, engine.optimizer.param_groups[0]["lr"], grad_norm, log)
         if valid_ds is not None and config.eval.interval and (step % config.eval.interval == 0 or step == t.steps):
             valid_loss = validate()
-            history["valid_loss"][step] = valid_loss
+            history.valid_loss[step] = valid_loss
             if reporting:
                 metrics.validation(step, valid_loss)
         checkpointer.poll()
         stopping = stop.agreed()
         if stopping or step == t.steps or (config.checkpoint.interval and step % config.checkpoint.interval == 0):
             save()
-            metrics.start(step)  # checkpoint time is not training throughput
+            metrics.start()  # checkpoint time is not training throughput
         if stopping:
             if rank0:
                 print(f"stopping at step {step} on a signal; the next run with --resume continues from here", flush=True)
@@ -328,24 +358,29 @@ def run(config: TrainConfig, resume: bool) -> dict:
     checkpointer.wait()
     metrics.close()
     if reporting:
-        (out / f"history_rank{dist.get_rank()}.json").write_text(json.dumps(history, indent=1))
+        metrics.summary(f"{'finished' if step == t.steps else 'stopped'}: {trained}", {
+            "checkpoint": checkpoint.latest_checkpoint(ckpt_root),
+            "TensorBoard": f"tensorboard --logdir {out / 'tb'}" if config.logging.tensorboard else "off",
+            "log": out / "train.log", "loss history": history_path})
     shutdown()
     return history
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__, epilog=describe_keys(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML file (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--print-config", action="store_true", help="print the full resolved config as TOML and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.steps=200")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        start = time.time()
+        if args.print_config:
+            print(config_toml(config), end="")
+            return 0
         run(config, args.resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"done in {time.time() - start:.0f} s; TensorBoard: tensorboard --logdir {Path(config.output_dir) / 'tb'}", flush=True)
     return 0

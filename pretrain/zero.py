@@ -156,10 +156,11 @@ def finish_gradients(engine, groups) -> None:
     word embedding tied to the output layer, summed over the first and last pipeline stage), then ZeRO's
     reduction over DP x CP. Sequence-parallel norm weights need nothing here: their gradient is summed over
     TP inside the backward (kla_megatron.norms)."""
-    if groups.embd is not None and groups.embd.size() > 1 and torch.distributed.get_rank() in \
-            torch.distributed.get_process_group_ranks(groups.embd):
-        chunks = engine.module.chunks
-        holder = chunks[0] if chunks[0].pre_process else chunks[-1]
+    chunks = engine.module.chunks
+    holder = chunks[0] if chunks[0].pre_process else chunks[-1]
+    tied_across_stages = holder.share_embeddings_and_output_weights and groups.embd is not None and \
+        groups.embd.size() > 1 and torch.distributed.get_rank() in torch.distributed.get_process_group_ranks(groups.embd)
+    if tied_across_stages:
         weight = holder.shared_embedding_or_output_weight()
         grad = safe_get_full_grad(weight)
         torch.distributed.all_reduce(grad, group=groups.embd)
@@ -169,6 +170,8 @@ def finish_gradients(engine, groups) -> None:
             safe_set_full_grad(weight, grad)
     if not engine.enable_backward_allreduce:
         engine.allreduce_gradients()
+
+
 def optimizer_state_bytes(engine) -> int:
     """Bytes of the fp32 master weights and AdamW state this rank holds (after a step): the part of
     the training state ZeRO divides by the data-parallel size."""

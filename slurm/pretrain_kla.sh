@@ -9,7 +9,8 @@
 #   OUTPUT_DIR     checkpoints/, tb/ and logs (default: the config's output_dir); on Slurm it must be on a
 #                  file system every node of the job sees
 #   DATA_MANIFEST  a data_prep manifest.json (or blend manifest); with the default config the embedded
-#                  corpus (the Python standard library's source) is prepared into $OUTPUT_DIR/data on first use
+#                  corpus (the Python standard library's source) is prepared into $OUTPUT_DIR/data on first use,
+#                  and the finished run is exported to $OUTPUT_DIR/hf (Hugging Face) with a greedy sample
 #   NPROC          processes on this machine when run without Slurm (default: GPU count, else 1)
 #   PYTHON         python to use (default: python3)
 #   REQUEUE        1 (default): at Slurm's warning before the time limit, checkpoint and requeue this job;
@@ -44,11 +45,6 @@ PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OVERRIDES=("$@")
 
-fail() {
-  echo "error: $*" >&2
-  exit 2
-}
-
 TRAINING=
 stop_and_requeue() {
   # Slurm's warning before the time limit: training checkpoints at the end of its current step and
@@ -65,21 +61,18 @@ stop_and_requeue() {
 }
 trap stop_and_requeue USR1
 
-if [ -n "${OUTPUT_DIR:-}" ] || [ -z "${CONFIG:-}" ]; then
-  OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny}
-  probe="$OUTPUT_DIR/.write_test_$$"
-  { mkdir -p "$OUTPUT_DIR" && touch "$probe" && rm -f "$probe"; } 2>/dev/null \
-    || fail "OUTPUT_DIR $OUTPUT_DIR is not writable; set OUTPUT_DIR to a directory you can write to"
-  OVERRIDES+=("output_dir=\"$OUTPUT_DIR\"")
-fi
+EMBEDDED_DEFAULT=
 if [ -z "${CONFIG:-}" ]; then
   CONFIG=configs/tiny.toml
+  EMBEDDED_DEFAULT=1
+  OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny}
   if [ -z "${DATA_MANIFEST:-}" ]; then
     DATA_MANIFEST=$OUTPUT_DIR/data/manifest.json
     echo "== embedded default corpus -> $OUTPUT_DIR/data"
     "$PYTHON" -m data_prep default-corpus --output "$OUTPUT_DIR/data"
   fi
 fi
+[ -n "${OUTPUT_DIR:-}" ] && OVERRIDES+=("output_dir=\"$OUTPUT_DIR\"")
 [ -n "${DATA_MANIFEST:-}" ] && OVERRIDES+=("data.manifest=\"$DATA_MANIFEST\"")
 TRAIN=(-m pretrain --config "$CONFIG" --resume "${OVERRIDES[@]}")
 
@@ -116,4 +109,18 @@ else
   else
     "$PYTHON" "${TRAIN[@]}"
   fi
+fi
+
+if [ -n "$EMBEDDED_DEFAULT" ] && ! [ "$OUTPUT_DIR/hf/model.safetensors" -nt "$OUTPUT_DIR/checkpoints/latest" ]; then
+  # The embedded default ends as a Hugging Face model folder (unless it already holds the latest checkpoint),
+  # and continues a prompt through plain transformers.
+  "$PYTHON" -m kla_megatron.export_hf --checkpoint "$OUTPUT_DIR/checkpoints" --output "$OUTPUT_DIR/hf" --overwrite
+  "$PYTHON" - "$OUTPUT_DIR/hf" <<'SAMPLE'
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+prompt = tokenizer("def ", return_tensors="pt")
+print("== greedy sample:\n" + tokenizer.decode(model.generate(**prompt, max_new_tokens=48, do_sample=False)[0]))
+SAMPLE
 fi

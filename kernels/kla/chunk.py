@@ -6,7 +6,7 @@ from .inputs import check_inputs, use_triton
 
 def chunk_kla(q, k, v, g, eta, *, scale=None, eps=1e-6, initial_state=None, output_final_state=False,
               cu_seqlens=None, normalize_q=True, beta_mode="kaczmarz", backend="auto", keep_states=True):
-    """Kaczmarz linear attention (DESIGN.md section 1), chunkwise parallel.
+    """Kaczmarz linear attention (docs/design.md, section 1), chunkwise parallel.
 
     q, k [B, T, H, K] and v [B, T, H, V] in bf16/fp16/fp32; g (log decay, <= 0) and eta (in (0, 1))
     [B, T, H], fp32. Keys are raw: their norm enters beta = eta / (||k||^2 + eps). Queries are

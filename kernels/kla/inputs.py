@@ -1,7 +1,7 @@
 """Argument checking and the shared reading of KLA's per-token coefficients.
 
 Every backend (float64 reference, chunkwise torch, Triton) runs the same recurrence. They all rely
-on DESIGN.md's equivalence, written here with the eps kept exact: with rk = (||k||^2 + eps)^-1/2
+on the equivalence of docs/design.md (section 1.3), written here with the eps kept exact: with rk = (||k||^2 + eps)^-1/2
 and kk = k * rk (a key of norm < 1),
 
     kaczmarz: beta k k^T = eta kk kk^T,   beta v k^T = eta (v * rk) kk^T

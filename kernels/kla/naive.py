@@ -1,7 +1,7 @@
-"""Float64 token-by-token reference of DESIGN.md section 1, written literally (raw keys, Kaczmarz beta).
+"""Float64 token-by-token reference of docs/design.md section 1, written literally (raw keys, Kaczmarz beta).
 
 The other backends use the unit-key form of kernels/kla/inputs.py; this one does not, so the tests
-also check that equivalence. States are [N, H, K, V] (the transpose of DESIGN's V x K matrix S).
+also check that equivalence. States are [N, H, K, V] (the transpose of the V x K matrix S of docs/design.md).
 """
 
 import torch

@@ -206,3 +206,46 @@ def test_progress_and_summary_lines(tmp_path, sp_model, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert "docs" in captured.err and "M/s" in captured.err and "MB/s" in captured.err and "ETA" in captured.err
     assert "10 documents" in captured.out and f"wrote {tmp_path / 'o'}.bin/.idx/.json" in captured.out
+
+
+def test_a_small_valid_fraction_still_writes_one_valid_document(tmp_path, sp_model, sp, capsys):
+    # The README's recipe (--valid-fraction 0.005) on 150 documents draws none by the hash.
+    texts = [f"document number {i}" for i in range(150)]
+    corpus = write_jsonl(tmp_path / "c.jsonl", texts)
+    assert tokenize("--input", corpus, "--tokenizer", sp_model, "--output-prefix", tmp_path / "d", "--valid-fraction", 0.005) == 0
+    assert read_dataset(tmp_path / "d_valid") == expected_tokens(sp, texts[-1:])
+    assert read_dataset(tmp_path / "d_train") == expected_tokens(sp, texts[:-1])
+    out = capsys.readouterr().out
+    assert "(valid: 1 document(s)," in out and "(train: 149 document(s)," in out
+    assert "note: --valid-fraction 0.005 drew no valid document of 150; the last document went to valid" in out
+
+
+def test_a_large_valid_fraction_still_leaves_one_train_document(tmp_path, sp_model, sp):
+    texts = ["first document", "second document"]
+    corpus = write_jsonl(tmp_path / "c.jsonl", texts)
+    assert tokenize("--input", corpus, "--tokenizer", sp_model, "--output-prefix", tmp_path / "d", "--valid-fraction", 0.999) == 0
+    assert read_dataset(tmp_path / "d_train") == expected_tokens(sp, texts[1:])
+    assert read_dataset(tmp_path / "d_valid") == expected_tokens(sp, texts[:1])
+
+
+def test_one_document_cannot_be_split(tmp_path, sp_model, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["the only document"])
+    assert tokenize("--input", corpus, "--tokenizer", sp_model, "--output-prefix", tmp_path / "d", "--valid-fraction", 0.1) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the input has 1 document(s): add documents, or leave out --valid-fraction" in err[0]
+    assert not list(tmp_path.glob("d_*"))
+
+
+@pytest.mark.parametrize("command", ["tokenize", "train-tokenizer", "default-corpus"])
+def test_an_output_that_cannot_be_written_gets_one_line(tmp_path, sp_model, capsys, command):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["some text"] * 3)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "out"  # under a file: not writable, even for root
+    args = {
+        "tokenize": ["--input", corpus, "--tokenizer", sp_model, "--output-prefix", out],
+        "train-tokenizer": ["--input", corpus, "--vocab-size", 100, "--output", out],
+        "default-corpus": ["--output", out],
+    }[command]
+    assert main([command, *map(str, args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"data_prep {command}: error: cannot use {tmp_path / 'a_file'}"), err

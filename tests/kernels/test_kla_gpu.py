@@ -9,7 +9,7 @@ import torch
 from kernels import chunk_kla, chunk_kla_summary, fused_recurrent_kla, naive_recurrent_kla
 from kla_testing import FP32_TOL, check_against_reference, grads, make_inputs, rel_err
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu
 
 BF16_TOL = 1e-2
 PAPER_HEADS = dict(K=96, V=192)

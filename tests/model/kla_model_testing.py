@@ -1,5 +1,5 @@
 """Shared pieces of the model tests: a one-process megatron world, an error measure, and an
-independent float64 token-by-token implementation of DESIGN.md section 1 (the mixer's contract).
+independent float64 token-by-token implementation of docs/design.md section 1 (the mixer's contract).
 
 The reference reads nothing from kla_megatron or kernels except the parameter tensors it is given:
 the in_proj row layout [q | k | v | z | b | a] (all heads of one kind together, head-major inside
@@ -62,7 +62,7 @@ def mixer_params(mixer) -> dict:
 
 
 def reference_mixer(x, p, *, heads, key_dim, value_dim, beta_mode, eps, norm_eps, cu_seqlens=None):
-    """DESIGN.md section 1, literally, in float64, one token at a time.
+    """docs/design.md section 1, literally, in float64, one token at a time.
 
     x [s, b, d]; p: in_proj [H(2K+2V+2), d], out_proj [d, H V], conv [H(2K+V), W], A_log [H],
     dt_bias [H], norm [H, V]. cu_seqlens (b = 1): document offsets; conv taps and the state
@@ -86,7 +86,7 @@ def reference_mixer(x, p, *, heads, key_dim, value_dim, beta_mode, eps, norm_eps
 
     A = torch.exp(p["A_log"])
     scale = K ** -0.5
-    S = torch.zeros(b, H, V, K, dtype=torch.float64)  # DESIGN's V x K state per head
+    S = torch.zeros(b, H, V, K, dtype=torch.float64)  # the notes' V x K state per head (docs/design.md)
     outputs = []
     for t in range(s):
         if t == starts[t]:

@@ -1,6 +1,7 @@
 """Named models, layer specs and the GPTModel they build: which mixer each layer gets, the switches
 that tell KLA from GDN, the errors a wrong configuration must raise, and causality end to end."""
 
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -78,7 +79,7 @@ def test_hybrid_over_gdn_and_transformer(world):
 
 
 def test_paper_shapes():
-    """DESIGN.md section 1: the 0.4B model, its GDN twin, the hybrid and the transformer baseline."""
+    """docs/design.md section 1.5: the 0.4B model, its GDN twin, the hybrid and the transformer baseline."""
     kla = named_model("kla-0.4b")
     assert (kla.num_layers, kla.hidden_size, kla.num_heads) == (11, 1536, 12)
     assert (kla.key_head_dim, kla.value_head_dim, kla.ffn_hidden_size) == (96, 192, 6144)
@@ -126,8 +127,15 @@ def test_model_is_causal(world, name):
     assert (a[:, t:] - b[:, t:]).abs().amax(-1).min() > 0, "a token did not influence every later position"
 
 
+def test_transformer_config_warns_nothing():
+    """Every run builds one; a warning here is printed by every process of every run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transformer_config(named_model("tiny"))
+
+
 def test_padded_vocab_independent_of_tp():
-    """DESIGN.md section 3: checkpoints reshard across TP sizes. The embedding and output layer are
+    """docs/design.md section 3.2: checkpoints reshard across TP sizes. The embedding and output layer are
     stored whole, so their padded row count must not change with the TP size. (Seen: a TP = 1
     checkpoint of vocab 100 (128 rows) loaded into a 256-row TP = 2 model without any error,
     the extra rows zero-filled, and the loss of the same tokens moves from 4.87 to 5.55.)"""

@@ -58,6 +58,7 @@ def test_torchrun_tensor_parallel(tmp_path, tiny_corpus, one_process):
     result = launch(torchrun(2), tmp_path, tiny_corpus, "parallel.tensor=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) (torchrun): TP 2 PP 1 CP 1 DP 1" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
     assert_close(losses(tmp_path), one_process)
 
 
@@ -79,3 +80,18 @@ def test_torchrun_context_parallel(tmp_path, tiny_corpus, short_documents_corpus
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{processes} process(es) (torchrun): {label}" in result.stdout
     assert_close(losses(tmp_path / "cp"), losses(tmp_path / "one"))
+
+
+# Pipelines need layers to split: four (and, for the uneven split, three) layers of the tiny model.
+@pytest.mark.parametrize("model, processes, layout, label", [
+    (["model.num_layers=4", "model.tie_embeddings=true"], 2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+     "TP 1 PP 2 (x2 interleaved) CP 1 DP 1"),
+    (["model.num_layers=3"], 2, ["parallel.pipeline=2", "parallel.pipeline_layers=[2, 1]"], "TP 1 PP 2 CP 1 DP 1"),
+], ids=["pp2-interleaved-tied-embeddings", "pp2-uneven"])
+def test_torchrun_pipeline_parallel(tmp_path, tiny_corpus, model, processes, layout, label):
+    single = run_pretrain(tmp_path / "one", tiny_corpus, *STEPS, *model)
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = launch(torchrun(processes), tmp_path / "parallel", tiny_corpus, *model, *layout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{processes} process(es) (torchrun): {label}" in result.stdout
+    assert_close(losses(tmp_path / "parallel"), losses(tmp_path / "one"))

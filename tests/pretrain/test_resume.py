@@ -1,13 +1,16 @@
 """An interrupted run resumes from its last complete checkpoint and then reproduces the
 uninterrupted run's loss curve exactly: after kill -9 at any moment, after the SIGUSR1 that Slurm
 sends before the time limit (which makes the run checkpoint and stop), and at another parallel
-layout, whose checkpoint is resharded (weights, AdamW state and data position)."""
+layout, whose checkpoint is resharded (weights, AdamW state and data position). The loss history and
+TensorBoard then hold the whole run, each step once; a finished run resumed again does nothing, and
+one resumed with another model is refused."""
 
 import json
 import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -23,13 +26,26 @@ def history(output_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_corpus) -> dict:
+def uninterrupted(tmp_path_factory, tiny_corpus):
     out = tmp_path_factory.mktemp("uninterrupted")
     full = run_pretrain(out, tiny_corpus, *STEPS)
     assert full.returncode == 0, full.stderr[-3000:]
-    result = history(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted) -> dict:
+    result = history(uninterrupted)
     assert len(result["train_loss"]) == 8
-    return {**result, "output_dir": out}
+    return {**result, "output_dir": uninterrupted}
+
+
+def tensorboard_steps(output_dir, tag="train/loss") -> Counter:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output_dir / "tb"))
+    events.Reload()
+    return Counter(e.step for e in events.Scalars(tag))
 
 
 def interrupt_after_step(output_dir, corpus, step: int, sig: signal.Signals) -> subprocess.Popen:
@@ -53,7 +69,9 @@ def assert_matches(after: dict, reference: dict, steps: list[str], tolerance: fl
     assert sorted(after["train_loss"], key=int) == steps
     for step, loss in after["train_loss"].items():
         assert abs(loss - reference["train_loss"][step]) <= tolerance * abs(reference["train_loss"][step]), step
-    assert abs(after["valid_loss"]["8"] - reference["valid_loss"]["8"]) <= tolerance * reference["valid_loss"]["8"]
+    assert after["valid_loss"].keys() == {s for s in reference["valid_loss"] if s in steps}
+    for step, loss in after["valid_loss"].items():
+        assert abs(loss - reference["valid_loss"][step]) <= tolerance * reference["valid_loss"][step], step
 
 
 def resume_elsewhere(source, output_dir, corpus, step: int, launcher: list[str], *overrides) -> subprocess.CompletedProcess:
@@ -78,14 +96,16 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_corp
     assert proc.returncode == -signal.SIGKILL, "".join(proc.log)[-3000:]
     ckpt = killed_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_0000003"
-    assert not (killed_dir / "history_rank0.json").exists()
+    assert sorted(history(killed_dir)["train_loss"], key=int) == ["1", "2", "3"]  # saved with the checkpoint
     # A kill in the middle of a save leaves a .partial folder: it must be ignored and replaced.
     (ckpt / "step_0000006.partial" / "model").mkdir(parents=True)
 
     resumed = run_pretrain(killed_dir, tiny_corpus, *STEPS, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
-    assert_matches(history(killed_dir), reference, ["4", "5", "6", "7", "8"])
+    assert_matches(history(killed_dir), reference, [str(s) for s in range(1, 9)])
+    # Steps 4 and 5 of the killed run were taken again: TensorBoard shows each step once.
+    assert tensorboard_steps(killed_dir) == Counter(range(1, 9))
     assert not list(ckpt.glob("*.partial"))
     assert (ckpt / "latest").read_text().strip() == "step_0000008"
 
@@ -102,7 +122,18 @@ def test_sigusr1_checkpoints_stops_and_resumes_exactly(tmp_path, tiny_corpus, re
     resumed = run_pretrain(out, tiny_corpus, *STEPS, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped}" in resumed.stdout
-    assert_matches(history(out), reference, [str(s) for s in range(stopped + 1, 9)])
+    assert_matches(history(out), reference, [str(s) for s in range(1, 9)])
+
+
+def test_a_finished_run_resumed_says_so_and_changes_nothing(uninterrupted, tiny_corpus):
+    before = {p: p.read_bytes() for p in uninterrupted.rglob("*") if p.is_file() and "data_cache" not in p.parts}
+    again = run_pretrain(uninterrupted, tiny_corpus, *STEPS, resume=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip().splitlines() == [
+        f"nothing to do: {uninterrupted}/checkpoints/step_0000008 is step 8 and training.steps=8; raise training.steps to train further"
+    ]
+    after = {p: p.read_bytes() for p in uninterrupted.rglob("*") if p.is_file() and "data_cache" not in p.parts}
+    assert after == before  # no new event file, the same history, log and checkpoints
 
 
 def test_resume_at_another_layout_continues_the_loss(tmp_path, tiny_corpus, reference):
@@ -133,6 +164,16 @@ def test_training_loss_falls_and_tensorboard_has_the_scalars(tmp_path, tiny_corp
     assert len(events.Scalars("train/loss")) == 30
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000030"
     assert "ETA" in result.stdout
+
+
+def test_resuming_with_another_model_is_refused(uninterrupted, tiny_corpus):
+    # Same shapes, so the weights would load: without the check a KLA run would go on as GDN.
+    result = run_pretrain(uninterrupted, tiny_corpus, *STEPS, "training.steps=9", "model.mixer=gdn", resume=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {uninterrupted}/checkpoints/step_0000008 holds another model than this run asks for "
+        "(model.mixer 'kla' -> 'gdn'); resume with the same model settings, or train the new model in a new output_dir"
+    ]
 
 
 # (GPUs, overrides) of the uninterrupted run, then of the run that resumes its step-6 checkpoint.
