@@ -486,7 +486,9 @@ def report(config, world_size: int, vocab_size: int, vocab_note: str) -> str:
     return "\n".join(lines)
 
 
-def _world_size(config, given: Optional[int]) -> int:
+def world_size_of(config, given: Optional[int] = None) -> int:
+    """The GPU count to estimate for: `given`, else the launcher's (Slurm's tasks, torchrun's world), else the
+    config's tensor x pipeline x context x data."""
     if given:
         return given
     for key in ("SLURM_NTASKS", "WORLD_SIZE"):
@@ -514,7 +516,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        world = _world_size(config, args.gpus)
+        world = world_size_of(config, args.gpus)
         vocab = args.vocab_size or vocab_size_of(config)
         note = "given" if args.vocab_size else "the config's tokenizer" if vocab else "the paper's; pass --vocab-size"
         vocab = vocab or PAPER_VOCAB

@@ -74,16 +74,16 @@ def main(argv=None) -> int:
     import kla_megatron  # noqa: F401  (first: it silences megatron-core's import noise)
     import torch
 
-    from pretrain.config import ConfigError, load_config
-    from pretrain.estimate import check_fits, estimate, vocab_size_of, PAPER_VOCAB
     from pretrain import checkpoint
+    from pretrain.config import ConfigError, load_config
+    from pretrain.estimate import PAPER_VOCAB, check_fits, estimate, vocab_size_of, world_size_of
     from pretrain.resume import check_resume
     from pretrain.train import check_config
 
     parser = argparse.ArgumentParser(prog="python -m pretrain.preflight", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML file (see configs/)")
-    parser.add_argument("--gpus", type=int, help="process count (default: SLURM_NTASKS)")
+    parser.add_argument("--gpus", type=int, help="process count (default: SLURM_NTASKS, WORLD_SIZE, or the config's layout)")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB",
                         help="check the memory estimate against a GPU of this size where no GPU is visible")
     parser.add_argument("--nodes-for", type=int, metavar="GPUS_PER_NODE",
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             nodes, per_node = nodes_for(config, args.nodes_for)
             world = nodes * per_node
         else:
-            world = args.gpus or int(os.environ.get("SLURM_NTASKS", 0)) or layout_world_size(config)
+            world = world_size_of(config, args.gpus)
         # On a login node (--nodes-for) the run is checked for the GPU nodes it will get; in a job, for this
         # node, whose GPU (if any) the memory check also uses.
         model, _, _ = check_config(config, world, gpus=True if args.nodes_for else None)

@@ -29,12 +29,8 @@ set -euo pipefail
 set -f  # INPUT's globs are data_prep's to expand, on the compute nodes
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "$SLURM_SUBMIT_DIR/slurm/prepare_data.sh" ]; then
-  ROOT=$SLURM_SUBMIT_DIR  # sbatch runs a copy of this script from a spool directory
-fi
-cd "$ROOT"
-PYTHON=${PYTHON:-python3}
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -f "$ROOT/slurm/checkout.sh" ] || ROOT=$SLURM_SUBMIT_DIR  # sbatch runs a copy of this script from a spool directory
+source "$ROOT/slurm/checkout.sh"
 for name in INPUT TOKENIZER OUTPUT_PREFIX; do
   [ -n "${!name:-}" ] || { echo "error: set $name (see the top of slurm/prepare_data.sh)" >&2; exit 2; }
 done

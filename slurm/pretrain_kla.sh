@@ -37,12 +37,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "$SLURM_SUBMIT_DIR/slurm/pretrain_kla.sh" ]; then
-  ROOT=$SLURM_SUBMIT_DIR  # sbatch runs a copy of this script from a spool directory
-fi
-cd "$ROOT"
-PYTHON=${PYTHON:-python3}
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -f "$ROOT/slurm/checkout.sh" ] || ROOT=$SLURM_SUBMIT_DIR  # sbatch runs a copy of this script from a spool directory
+source "$ROOT/slurm/checkout.sh"
 OVERRIDES=("$@")
 
 TRAINING=

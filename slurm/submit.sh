@@ -15,9 +15,7 @@
 # variables work as usual.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-PYTHON=${PYTHON:-python3}
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHON
+source "$ROOT/slurm/checkout.sh"
 [ $# -ge 1 ] || { echo "usage: bash slurm/submit.sh CONFIG [--chain N] [section.key=value ...] [-- SBATCH_OPTION ...]" >&2; exit 2; }
 CONFIG=$1
 shift

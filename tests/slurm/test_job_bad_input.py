@@ -86,5 +86,5 @@ def test_unwritable_output_dir_without_slurm_is_one_line(tmp_path):
     result = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"data_prep default-corpus: error: cannot use {not_a_dir / 'out' / 'data'}: Not a directory"
+        f"data_prep default-corpus: error: cannot use {not_a_dir / 'out'}: Not a directory"
     ], result.stderr
