@@ -25,10 +25,13 @@ sys.path.insert(0, str(ROOT))
 from pretrain.profiling import format_table  # noqa: E402
 
 
-def run_trainer(config: str, overrides: list, skip: int, profile_steps=None, env=None) -> dict:
-    """One `python -m pretrain` run (no checkpoints, no validation); its medians, peaks and series."""
+def run_trainer(config: str, overrides: list, skip: int, profile_steps=None, env=None, nproc: int = 1) -> dict:
+    """One `python -m pretrain` run (no checkpoints, no validation) on `nproc` processes (torchrun when more
+    than one); its medians, peaks and series."""
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [sys.executable, "-m", "pretrain", "--config", config, f'output_dir="{run_dir}"',
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                        "--nproc_per_node", str(nproc)]
+        command = [*launcher, "-m", "pretrain", "--config", config, f'output_dir="{run_dir}"',
                    "checkpoint.interval=0", "eval.interval=0", *overrides]
         if profile_steps:
             command.append(f"logging.profile_steps={list(profile_steps)}")
@@ -47,6 +50,7 @@ def run_trainer(config: str, overrides: list, skip: int, profile_steps=None, env
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),
+        "world_size": nproc,
         "model": resolved["model"]["name"],
         "seq_length": resolved["data"]["seq_length"],
         "global_batch_size": resolved["training"]["global_batch_size"],
@@ -72,10 +76,11 @@ def main() -> int:
     parser.add_argument("--skip", type=int, default=5, help="first steps left out of the medians")
     parser.add_argument("--profile-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
                         help="profile steps [FIRST, LAST) and add the per-component table to the JSON")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs), started by torchrun when more than one")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    result = run_trainer(args.config, args.overrides, args.skip, args.profile_steps)
+    result = run_trainer(args.config, args.overrides, args.skip, args.profile_steps, nproc=args.nproc)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     loss = result["series"]["loss"]

@@ -4,8 +4,10 @@ Commands (python -m data_prep COMMAND --help):
   train-tokenizer  --input PATHS_OR_GLOBS --vocab-size N --output DIR [--model-type bpe|unigram]
   tokenize         --input PATHS_OR_GLOBS --tokenizer MODEL --output-prefix PREFIX --workers N
                    [--valid-fraction F] [--one-output-per-input] [--strict] [--overwrite|--resume]
+                   [--num-shards N --shard-index I]  (with --one-output-per-input: one Slurm array task's share)
+  list-inputs      --input PATHS_OR_GLOBS
   default-corpus   --output DIR [--vocab-size 8192]
-  blend            --datasets PREFIX ... --weights W ... [--output FILE]
+  blend            --datasets PREFIX_OR_GLOB ... [--weights W ...] [--valid-datasets ...] [--output FILE]
 
 Files pretraining reads (all JSON written last, under a temporary name then renamed):
 
@@ -23,4 +25,8 @@ DIR/tokenizer_meta.json, beside a tokenizer.model that train-tokenizer wrote:
 
 DIR/manifest.json of default-corpus: tokenizer_model, train_prefix, valid_prefix, vocab_size, eod_id,
   pad_id, documents {train, valid}, tokens {train, valid}, source, files, bytes, valid_fraction, seconds.
+
+FILE of blend --output: train_prefixes, train_weights (normalised), valid_prefixes, valid_weights (with
+  --valid-datasets, and valid_tokens), tokenizer_model, tokenizer_sha256, vocab_size, eod_id, pad_id; prefixes, weights,
+  tokens (the training part again, under the names of a plain blend).
 """

@@ -20,7 +20,8 @@ def main(argv=None) -> int:
         print(f"data_prep {args.command}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # an output that cannot be written, an input that cannot be read
-        print(f"data_prep {args.command}: error: cannot use {error.filename}: {error.strerror}", file=sys.stderr)
+        where = f" {error.filename}" if error.filename else ""
+        print(f"data_prep {args.command}: error: cannot use{where}: {error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ndata_prep {args.command}: interrupted; no partial output was left under the final names", file=sys.stderr)
@@ -54,7 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     tokenize.add_argument("--resume", action="store_true", help="keep outputs that are complete, redo the rest")
     tokenize.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    tokenize.add_argument("--num-shards", type=int, default=1, metavar="N",
+                          help="with --one-output-per-input: split the input files into N shards and do only one (a Slurm array task each)")
+    tokenize.add_argument("--shard-index", type=int, default=0, metavar="I", help="which shard, 0 .. N-1: input files I, I+N, I+2N, ...")
     tokenize.set_defaults(run=run_tokenize)
+
+    inputs = commands.add_parser("list-inputs", help="the input files --input names, in the order tokenize reads them")
+    inputs.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="files, directories or quoted globs")
+    inputs.add_argument("--input-format", choices=("auto",) + FORMATS, default="auto", help="default: from the file names")
+    inputs.set_defaults(run=run_list_inputs)
 
     corpus = commands.add_parser("default-corpus", help="tokenizer + train/valid datasets from the Python standard library's source")
     corpus.add_argument("--output", required=True, metavar="DIR")
@@ -63,9 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     corpus.set_defaults(run=run_default_corpus)
 
     blend = commands.add_parser("blend", help="check datasets share a tokenizer and write a weighted blend for pretraining")
-    blend.add_argument("--datasets", nargs="+", required=True, metavar="PREFIX")
-    blend.add_argument("--weights", nargs="+", type=float, required=True)
-    blend.add_argument("--output", metavar="FILE", help="write the blend as JSON")
+    blend.add_argument("--datasets", nargs="+", required=True, metavar="PREFIX", help="prefixes or quoted globs of prefixes")
+    blend.add_argument("--weights", nargs="+", type=float, help="one per dataset (default: each dataset's token count)")
+    blend.add_argument("--valid-datasets", nargs="+", metavar="PREFIX", help="validation prefixes or globs")
+    blend.add_argument("--valid-weights", nargs="+", type=float, help="default: token counts")
+    blend.add_argument("--output", metavar="FILE", help="write the blend as JSON, a manifest for pretraining's data.manifest")
     blend.set_defaults(run=run_blend)
     return parser
 
@@ -118,6 +129,17 @@ def run_tokenize(args):
         resume=args.resume,
     )
     groups = plan_outputs(files, args.output_prefix, args.one_output_per_input, args.valid_fraction)
+    if args.num_shards != 1 or args.shard_index:
+        if not args.one_output_per_input:
+            raise InputError("--num-shards needs --one-output-per-input: every shard writes the outputs of its own input files")
+        if not 0 <= args.shard_index < args.num_shards:
+            raise InputError(f"--shard-index {args.shard_index} must be in [0, --num-shards {args.num_shards})")
+        groups = groups[args.shard_index :: args.num_shards]
+        files = [f for group in groups for f in group.files]
+        print(f"tokenize: shard {args.shard_index} of {args.num_shards}: {len(files)} input file(s)")
+        if not files:
+            print("tokenize: nothing to do in this shard")
+            return
     size = sum(f.size for f in files)
     print(
         f"tokenize: {len(files)} input file(s), {size / 1e6:,.1f} MB, with {tokenizer.path}"
@@ -159,14 +181,24 @@ def run_default_corpus(args):
     build_default_corpus(args.output, args.vocab_size, max(1, args.workers))
 
 
-def run_blend(args):
-    from data_prep.blend import describe_blend, write_blend
+def run_list_inputs(args):
+    for file in resolve_inputs(args.input, args.input_format):
+        print(file.path)
 
-    blend = describe_blend(args.datasets, args.weights)
+
+def run_blend(args):
+    from data_prep.blend import describe_blend, expand_datasets, training_manifest, write_blend
+
+    blend = describe_blend(expand_datasets(args.datasets), args.weights)
+    valid = describe_blend(expand_datasets(args.valid_datasets), args.valid_weights) if args.valid_datasets else None
     print("blend: datasets share tokenizer", blend["tokenizer_model"], f"(vocab {blend['vocab_size']}, eod {blend['eod_id']})")
-    for weight, prefix, tokens in zip(blend["weights"], blend["prefixes"], blend["tokens"]):
-        print(f"  {weight:.4f}  {prefix}  ({tokens:,} tokens)")
+    for name, part in (("train", blend), ("valid", valid)):
+        if part is None:
+            continue
+        print(f"blend ({name}): {len(part['prefixes'])} dataset(s), {sum(part['tokens']):,} tokens")
+        for weight, prefix, tokens in zip(part["weights"], part["prefixes"], part["tokens"]):
+            print(f"  {weight:.4f}  {prefix}  ({tokens:,} tokens)")
     print("blend: megatron blend =", [blend["prefixes"], blend["weights"]])
     if args.output:
-        write_blend(args.output, blend)
-        print(f"blend: wrote {args.output}")
+        write_blend(args.output, training_manifest(blend, valid))
+        print(f"blend: wrote {args.output} (pretraining reads it as data.manifest)")

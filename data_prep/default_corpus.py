@@ -35,6 +35,7 @@ def stdlib_source_files() -> list[str]:
 def build_default_corpus(output_dir: str, vocab_size: int = 8192, workers: int = 1) -> dict:
     """Build (or find) the default corpus in output_dir; returns its manifest."""
     output_dir = os.path.abspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)  # an output that cannot be written fails here, before any work
     manifest_path = os.path.join(output_dir, "manifest.json")
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:

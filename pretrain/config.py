@@ -111,6 +111,11 @@ class ParallelSection:
     """Split the sequence between tensor-parallel ranks outside the mixers (needs tensor > 1, GPUs)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO: 1 shards optimizer states, 2 also gradients (pipeline = 1 only)."""
+    data: int = 0
+    """Data-parallel size the layout is written for (GPUs = tensor x pipeline x context x data); the run
+    refuses another process count. 0: whatever the launched processes give."""
+    force_layout: bool = False
+    """Start even when `python -m pretrain.estimate` says the layout cannot fit the GPU's memory."""
 
 
 @dataclass

@@ -44,6 +44,7 @@ class DataFiles:
     def resolve(data: DataSection) -> "DataFiles":
         """The checked files of a data section (a manifest fills what the section leaves empty)."""
         tokenizer, train, valid = data.tokenizer, list(data.train_prefixes), list(data.valid_prefixes)
+        train_weights, valid_weights = list(data.train_weights), list(data.valid_weights)
         if data.manifest:
             manifest_path = Path(data.manifest)
             if not manifest_path.is_file():
@@ -53,8 +54,13 @@ class DataFiles:
                 )
             manifest = json.loads(manifest_path.read_text())
             tokenizer = tokenizer or manifest["tokenizer_model"]
-            train = train or [manifest["train_prefix"]]
-            valid = valid or [manifest["valid_prefix"]]
+            # default-corpus writes one train and one valid prefix; `data_prep blend --output` weighted lists
+            if not train:
+                train = manifest.get("train_prefixes") or [manifest["train_prefix"]]
+                train_weights = train_weights or manifest.get("train_weights", [])
+            if not valid:
+                valid = manifest.get("valid_prefixes") or ([manifest["valid_prefix"]] if "valid_prefix" in manifest else [])
+                valid_weights = valid_weights or manifest.get("valid_weights", [])
         if not tokenizer:
             raise ConfigError(
                 "no data: set data.tokenizer and data.train_prefixes, or data.manifest (to try things, "
@@ -69,8 +75,8 @@ class DataFiles:
             check_indexed_dataset(prefix, tokenizer_sha256)
         return DataFiles(
             tokenizer=str(tokenizer),
-            train=Blend(train, _weights(data.train_weights, train, "train")),
-            valid=Blend(valid, _weights(data.valid_weights, valid, "valid")) if valid else None,
+            train=Blend(train, _weights(train_weights, train, "train")),
+            valid=Blend(valid, _weights(valid_weights, valid, "valid")) if valid else None,
             split=data.split,
         )
 

@@ -1,11 +1,22 @@
-"""Process-group start from whatever launched us (torchrun, Slurm's srun, mpiexec, or nothing),
+"""Process-group start from whatever launched us (torchrun, Slurm's srun, mpirun/mpiexec, or nothing),
 then megatron's parallel state.
 
 Each launcher names rank, world size and local rank differently; `launch_env` reads them into one
-`LaunchEnv` and exports the torch.distributed variables, so everything after it is launcher-blind.
+`LaunchEnv` and exports the torch.distributed variables, so everything after it is launcher-blind:
+
+  torchrun  RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (set by torchrun, or by hand)
+  srun      SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the first node of the step
+            (`scontrol show hostnames`; its NodeAddr when the name does not resolve), the port derived
+            from the job id, so every task of every node agrees without talking; MASTER_ADDR /
+            MASTER_PORT in the environment win
+  mpirun    hydra's MPI_LOCALRANKID (MPICH, Intel MPI) or Open MPI's OMPI_COMM_WORLD_*: ranks through
+            mpi4py; rank 0 broadcasts its host name and a free port (MASTER_ADDR / MASTER_PORT win). An
+            mpirun inside a Slurm allocation counts as MPI: its ranks inherit the SLURM_* variables of the
+            step that runs MPI's own daemons (one task a node), which do not describe them.
 """
 
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -14,6 +25,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
+
+from pretrain.config import ConfigError
+
+# Set only by an MPI launcher's own process manager (Open MPI's mpirun; MPICH's and Intel MPI's hydra
+# mpiexec), never by srun, even with --mpi=pmi2 or pmix.
+_MPIRUN_ONLY = ("OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
+_MPI_RANK = ("PMI_RANK", "PMIX_RANK")
 
 
 @dataclass(frozen=True)
@@ -32,24 +50,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+def slurm_master_addr(env=os.environ) -> str:
+    """The address of the first node of the job step, where rank 0 runs: its name, or the NodeAddr that
+    slurm.conf gives it when the name does not resolve."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
     try:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return hosts.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return "127.0.0.1"
+        first = _scontrol("show", "hostnames", nodelist).split()[0]
+        try:
+            socket.getaddrinfo(first, None)
+            return first
+        except socket.gaierror:
+            return re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", "-o", first)).group(1)
+    except (OSError, subprocess.SubprocessError, IndexError, AttributeError):
+        if int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or 1) == 1:
+            return "127.0.0.1"
+        raise ConfigError(
+            f"cannot find the address of the first node of {nodelist!r} with scontrol; "
+            "put scontrol on the PATH of the compute nodes or export MASTER_ADDR (the first node's address)"
+        ) from None
 
 
-def _mpi_world():
-    """(rank, size, local_rank) from MPI, or None when not started by mpiexec."""
-    if not any(k in os.environ for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")):
-        return None
+def _scontrol(*args) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def _launched_by_mpirun(env) -> bool:
+    """mpirun/mpiexec started us, with or without Slurm around it."""
+    return any(k in env for k in _MPIRUN_ONLY) or ("SLURM_PROCID" not in env and any(k in env for k in _MPI_RANK))
+
+
+def _mpi_world(env):
+    """(rank, size, local rank, master address, master port) through mpi4py."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    return comm, comm.Get_rank(), comm.Get_size(), local.Get_rank()
+    rank = comm.Get_rank()
+    master = (env.get("MASTER_ADDR") or socket.gethostname(), int(env.get("MASTER_PORT") or _free_port())) if rank == 0 else None
+    addr, port = comm.bcast(master, root=0)
+    return rank, comm.Get_size(), local.Get_rank(), addr, port
 
 
 def launch_env() -> LaunchEnv:
@@ -58,16 +97,15 @@ def launch_env() -> LaunchEnv:
         launcher = "torchrun"
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
         addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500))
+    elif _launched_by_mpirun(env):
+        launcher = "mpi"
+        rank, world, local, addr, port = _mpi_world(env)
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         launcher = "slurm"
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-        addr = env.get("MASTER_ADDR") or _slurm_master_addr()
+        addr = env.get("MASTER_ADDR") or slurm_master_addr(env)
         # Same port on every task without talking: derived from the job id.
-        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
-    elif (mpi := _mpi_world()) is not None:
-        launcher = "mpi"
-        comm, rank, world, local = mpi
-        addr, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
+        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
     else:
         launcher, rank, world, local, addr, port = "single", 0, 1, 0, "127.0.0.1", _free_port()
     os.environ.update(

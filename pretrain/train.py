@@ -13,6 +13,7 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,12 +39,19 @@ from pretrain.run_log import log_to_file
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 
 
-def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, ParallelLayout, DataFiles]:
-    """Every check that needs no process group or GPU: bad input stops here, with its fix."""
+def check_config(config: TrainConfig, world_size: int, gpus: Optional[bool] = None) -> tuple[ModelConfig, ParallelLayout, DataFiles]:
+    """Every check that needs no process group or GPU: bad input stops here, with its fix. `gpus`: whether
+    the run will have GPUs (default: whether this machine has one; a login node checks for its GPU nodes)."""
     model = config.model.resolve()
-    t, d = config.training, config.data
-    cuda = torch.cuda.is_available()
-    layout = ParallelLayout.build(config.parallel, model, world_size, cuda, d.seq_length)
+    p, t, d = config.parallel, config.training, config.data
+    cuda = torch.cuda.is_available() if gpus is None else gpus
+    layout = ParallelLayout.build(p, model, world_size, cuda, d.seq_length)
+    if p.data and layout.data != p.data:
+        raise ConfigError(
+            f"{world_size} process(es) give data-parallel size {layout.data}, but the layout is tensor={p.tensor} x "
+            f"pipeline={p.pipeline} x context={p.context} x data={p.data} = {p.tensor * p.pipeline * p.context * p.data} "
+            f"GPUs; launch that many (one per GPU) or set parallel.data"
+        )
     if t.global_batch_size % (t.micro_batch_size * layout.data):
         raise ConfigError(
             f"training.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size "
@@ -84,6 +92,12 @@ def check_config(config: TrainConfig, world_size: int) -> tuple[ModelConfig, Par
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); choose a directory you can write to") from None
+    if torch.cuda.is_available() and not p.force_layout:
+        from pretrain.estimate import check_fits
+
+        device = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        gpu = torch.cuda.get_device_properties(device)
+        check_fits(config, world_size, load_tokenizer(files.tokenizer).vocab_size, gpu.total_memory, gpu.name)
     return model, layout, files
 
 
