@@ -25,13 +25,13 @@ MODEL = ["model.name=tiny", "model.num_layers=4", "data.seq_length=256", "traini
          "training.global_batch_size=8", f"training.steps={STEPS}", "training.warmup_steps=2", "training.lr=1e-3",
          "eval.interval=0", "checkpoint.interval=0", "logging.interval=5"]
 BOUNDS = {"fp32": 1e-4, "bf16": 2e-2}
-# name: the parallel.* settings of the case on 2 GPUs (the rest of the 2 GPUs is data parallel, ZeRO-1 unless set)
+# name: the parallel.* settings (and any other key given whole) of the case on 2 GPUs (the rest of the 2 GPUs is data parallel, ZeRO-1 unless set)
 CASES = {
     "tp2": {"tensor": 2},
     "tp2-sp": {"tensor": 2, "sequence_parallel": True},
     "pp2-1f1b": {"pipeline": 2},
     "pp2-uneven": {"pipeline": 2, "pipeline_layers": [3, 1]},
-    "pp2-interleaved": {"pipeline": 2, "virtual_pipeline": 2},
+    "pp2-interleaved": {"pipeline": 2, "virtual_pipeline": 2, "training.micro_batch_size": 4},  # 2 micro-batches
     "cp2": {"context": 2},
     "dp2-zero1": {},
     "dp2-zero2": {"zero_stage": 2},
@@ -55,7 +55,7 @@ def train(directory: Path, manifest: str, dtype: str, overrides: list) -> dict:
 
 
 def layout_overrides(case: dict) -> list:
-    return [f"parallel.{key}={json.dumps(value)}" for key, value in case.items()]
+    return [f"{key if '.' in key else 'parallel.' + key}={json.dumps(value)}" for key, value in case.items()]
 
 
 def main() -> int:

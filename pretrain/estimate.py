@@ -15,16 +15,15 @@ ranks, e = 2 in bf16 runs and 4 in fp32 runs):
   parameters     e P (the weights megatron computes with)
   optimizer      4 P / D fp32 master weights + 8 P / D Adam moments (two fp32 states)
   gradients      as DeepSpeed keeps them for pretrain.zero's config (bf16 gradients summed in fp32):
-                 ZeRO-1 in bf16 (DeepSpeed's BF16_Optimizer): a full fp32 gradient buffer (4 P), and the bf16
-                 gradients autograd writes (e P), added to it after each micro-batch, freed after the step;
+                 ZeRO-1 in bf16 (DeepSpeed's BF16_Optimizer): a full fp32 gradient buffer (4 P); each bf16
+                 gradient autograd writes is added to it and freed at once (one parameter's at a time);
                  ZeRO-2 in bf16: this rank's fp32 partition (4 P / D), and during a backward the bf16 reduce
                  bucket (B = zero_optimization.reduce_bucket_size elements: 1 GB at DeepSpeed's 5e8); a full
                  bucket's reduction flattens and converts it to fp32, a destination's share at a time
                  ((e + 4) min(P, B) / D): after the backward, or, when P > B, during it (counted so);
                  fp32 runs: the gradients (4 P, 4 P / D with ZeRO-2) and the fp32 reduce bucket
-  step           the optimizer step's transients, activations gone by then: ZeRO-1 in bf16 still holds the
-                 bf16 gradients (e P) and its all-reduce flattens the fp32 buffer into one copy (4 P, when
-                 P <= 5e8); ZeRO-2 in bf16: the bucket and the last reduction at the end of the backward (the
+  step           the optimizer step's transients, activations gone by then: ZeRO-1 in bf16: its all-reduce
+                 flattens the fp32 buffer into one copy (4 P, when P <= 5e8); ZeRO-2 in bf16: the bucket and the last reduction at the end of the backward (the
                  step reads the partition in place); fp32 runs 4 P / D
 
   activations    per layer and token, what autograd keeps for the backward (below), times the tokens of one
@@ -295,11 +294,11 @@ def gradient_memory(config, step: Step, parameters: int) -> tuple:
     if not step.bf16:  # the ZeRO optimizer on the model's own fp32 gradients, its fp32 reduce bucket
         return 4 * P / (D if zero.stage == 2 else 1), 4 * bucket, 4 * P / D
     if zero.stage == 1:
-        # BF16_Optimizer: the full fp32 gradient buffer; the bf16 gradients autograd writes stay allocated
-        # (zeroed between micro-batches) until the step; the step's all-reduce flattens the fp32 buffer into
-        # one copy when it fits one allreduce bucket (a single larger tensor is reduced in place).
-        flatten = 4 * P if P <= MEMORY_OPT_ALLREDUCE_SIZE else 0
-        return 4 * P, e * P, e * P + flatten
+        # BF16_Optimizer: the full fp32 gradient buffer; a hook on each parameter adds its bf16 gradient to it
+        # and frees it (pretrain.zero asks for immediate_grad_update); the step's all-reduce flattens the fp32
+        # buffer into one copy when it fits one allreduce bucket (a single larger tensor is reduced in place).
+        assert ds["bf16"]["immediate_grad_update"], "the counts below are for per-parameter fp32 accumulation"
+        return 4 * P, 0, 4 * P if P <= MEMORY_OPT_ALLREDUCE_SIZE else 0
     # ZeRO-2: this rank's fp32 partition, and the bf16 reduce bucket from a backward's first gradient to its
     # end. A full bucket is flattened and converted to fp32 for its reduction, a destination rank's share at a
     # time: at the end of the backward, activations gone, unless the rank has more parameters than the bucket
