@@ -158,8 +158,6 @@ def test_layer_activations_are_what_autograd_keeps(single_process_world, gpu_cod
 @pytest.mark.gpu
 @pytest.mark.parametrize("mixer", ["kla", "gdn", "attention"])
 def test_layer_activations_on_the_gpu(single_process_world, mixer):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     from kla_megatron.config import transformer_config
 
     config = tiny_config(f"model.name={mixer}-0.4b" if mixer != "attention" else "model.name=transformer-0.4b",
@@ -299,8 +297,6 @@ def test_parallel_data_must_match_the_process_count(tmp_path, tiny_corpus):
 
 @pytest.mark.gpu
 def test_the_trainer_refuses_a_layout_this_gpu_cannot_hold(tmp_path, tiny_corpus):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     from pretrain.train import check_config
 
     big = [f'output_dir="{tmp_path}"', *corpus_overrides(tiny_corpus), "model.name=kla-7b", "data.seq_length=4096",

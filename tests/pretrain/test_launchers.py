@@ -42,6 +42,16 @@ def assert_close(ours: list[float], reference: list[float]) -> None:
         assert abs(a - b) <= 2e-5 * abs(b), f"step {step}: {a} vs {b}"
 
 
+def assert_torchrun_trains_like_one_process(tmp_path, corpus, overrides, processes, layout, label) -> None:
+    """The model of `overrides` trained by one process, then by `processes` under torchrun at `layout`."""
+    single = run_pretrain(tmp_path / "one", corpus, *STEPS, *overrides)
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = launch(torchrun(processes), tmp_path / "parallel", corpus, *overrides, *layout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{processes} process(es) (torchrun): {label}" in result.stdout
+    assert_close(losses(tmp_path / "parallel"), losses(tmp_path / "one"))
+
+
 def test_mpiexec_data_parallel(tmp_path, tiny_corpus, one_process):
     mpiexec = str(ROOT / ".venv" / "bin" / "mpiexec") if (ROOT / ".venv" / "bin" / "mpiexec").exists() else "mpiexec"
     result = launch([mpiexec, "-n", "2", sys.executable], tmp_path, tiny_corpus)
@@ -74,12 +84,7 @@ PACKED = ["data.seq_length=128", "data.reset_state_at_eod=true"]
 ], ids=["cp2", "cp2-packed-documents", "tp2-cp2"])
 def test_torchrun_context_parallel(tmp_path, tiny_corpus, short_documents_corpus, overrides, processes, layout, label):
     corpus = short_documents_corpus if overrides is PACKED else tiny_corpus  # documents cross the ranks' slices
-    single = run_pretrain(tmp_path / "one", corpus, *STEPS, *overrides)
-    assert single.returncode == 0, single.stderr[-3000:]
-    result = launch(torchrun(processes), tmp_path / "cp", corpus, *overrides, *layout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{processes} process(es) (torchrun): {label}" in result.stdout
-    assert_close(losses(tmp_path / "cp"), losses(tmp_path / "one"))
+    assert_torchrun_trains_like_one_process(tmp_path, corpus, overrides, processes, layout, label)
 
 
 # Pipelines need layers to split: four (and, for the uneven split, three) layers of the tiny model.
@@ -92,9 +97,4 @@ def test_torchrun_context_parallel(tmp_path, tiny_corpus, short_documents_corpus
     (["model.num_layers=4", "training.precision=bf16"], 2, ["parallel.pipeline=2"], "TP 1 PP 2 CP 1 DP 1"),
 ], ids=["pp2-interleaved-tied-embeddings", "pp2-uneven", "pp2-bf16"])
 def test_torchrun_pipeline_parallel(tmp_path, tiny_corpus, model, processes, layout, label):
-    single = run_pretrain(tmp_path / "one", tiny_corpus, *STEPS, *model)
-    assert single.returncode == 0, single.stderr[-3000:]
-    result = launch(torchrun(processes), tmp_path / "parallel", tiny_corpus, *model, *layout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{processes} process(es) (torchrun): {label}" in result.stdout
-    assert_close(losses(tmp_path / "parallel"), losses(tmp_path / "one"))
+    assert_torchrun_trains_like_one_process(tmp_path, tiny_corpus, model, processes, layout, label)
