@@ -12,7 +12,6 @@
 
 import dataclasses
 import functools
-import json
 import subprocess
 import sys
 import weakref
@@ -23,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 from pretrain.config import ConfigError, load_config
-from pretrain.estimate import (GIB, Step, check_fits, estimate, layer_terms, measured_throughput, rank_parameters,
+from pretrain.estimate import (Step, check_fits, estimate, layer_terms, measured_throughput, rank_parameters,
                                usable_bytes)
 from pretrain_testing import ROOT, corpus_overrides, free_port, subprocess_env
 
