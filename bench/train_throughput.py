@@ -97,7 +97,7 @@ def run_ours(model_name: str, seq: int, recompute: bool, steps: int, skip: int, 
         f"model.name={model_name}", f"data.manifest={manifest}", f"data.seq_length={seq}",
         f"training.micro_batch_size={micro}", f"training.global_batch_size={TOKENS_PER_STEP // seq}",
         f"training.recompute={'true' if recompute else 'false'}", f"training.steps={steps}", "training.warmup_steps=1",
-        "logging.interval=1"], skip)
+        "logging.interval=1", "parallel.data=0"], skip)
     return {"tokens_per_s": result["tokens_per_s"], "peak_gib": result["peak_memory_gib"], "loss_last": result["loss_last"]}
 
 

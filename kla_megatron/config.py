@@ -42,7 +42,8 @@ class ModelConfig:
     norm_eps: float = 1e-6
     """The eps of every RMSNorm."""
     kernel_backend: str = "auto"
-    """chunk_kla backend: auto (Triton on GPU, PyTorch on CPU), triton, or torch."""
+    """Backend of our kernels (recurrence, conv, norms, loss): auto (Triton on GPU, PyTorch on CPU), triton, or
+    torch (the PyTorch references of every fused op: bench/fusions.py compares the two)."""
     kernel_keep_states: bool = True
     """Triton: keep each layer's per-chunk states for its backward (faster; 2K + 2V + K V / 32 bytes per token
     and head, e.g. 14 MB per 1K tokens per layer at 12 heads of K96 V192); false recomputes them, as fla does."""

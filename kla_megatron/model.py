@@ -14,9 +14,13 @@ class LanguageModel(GPTModel):
     """megatron's GPTModel with the loss computed by our cross-entropy kernel: one read of the output layer's
     (bf16) logits, and their gradient written in their place, instead of an fp32 copy of [tokens, vocabulary]."""
 
+    def __init__(self, *args, loss_backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_backend = loss_backend
+
     def compute_language_model_loss(self, labels, logits):
         """labels [b, s], logits [s, b, this rank's vocabulary slice] -> per-token loss [b, s] fp32."""
-        return vocab_parallel_cross_entropy(logits, labels.t(), group=self.pg_collection.tp).t()
+        return vocab_parallel_cross_entropy(logits, labels.t(), group=self.pg_collection.tp, backend=self.loss_backend).t()
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
@@ -47,6 +51,7 @@ def build_model(model: ModelConfig, config: TransformerConfig, vocab_size: int, 
         rotary_base=model.rope_base,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
+        loss_backend=model.kernel_backend,
     )
 
 

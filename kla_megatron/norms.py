@@ -19,9 +19,10 @@ def param_device(config: TransformerConfig) -> torch.device:
 
 
 class RMSNorm(torch.nn.Module):
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.backend = backend
         self.sequence_parallel = config.sequence_parallel
         self.weight = torch.nn.Parameter(
             torch.ones(hidden_size, dtype=config.params_dtype, device=param_device(config))
@@ -35,4 +36,4 @@ class RMSNorm(torch.nn.Module):
             # Each tensor-parallel rank normalises a different slice of the sequence, so the weight's
             # gradient is the sum over ranks: identity forward, all-reduce backward.
             weight = copy_to_tensor_model_parallel_region(weight)
-        return rms_norm(x, weight, self.eps)  # x [s, b, h]: fused Triton kernel on GPU, PyTorch on CPU
+        return rms_norm(x, weight, self.eps, backend=self.backend)  # x [s, b, h]: Triton on GPU under "auto"

@@ -48,14 +48,18 @@ def mixer_spec(mixer: Mixer, model: ModelConfig) -> ModuleSpec:
     )
 
 
+def norm_spec(model: ModelConfig) -> ModuleSpec:
+    return ModuleSpec(module=RMSNorm, params={"backend": model.kernel_backend})
+
+
 def layer_spec(mixer: Mixer, model: ModelConfig) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=norm_spec(model),
             self_attention=mixer_spec(mixer, model),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=norm_spec(model),
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
@@ -70,4 +74,4 @@ def block_spec(model: ModelConfig, config: TransformerConfig, pp_rank: int = 0, 
     offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
     count = get_num_layers_to_build(config, vp_stage, pp_rank)
     layers = [layer_spec(model.layer_mixer(offset + i + 1), model) for i in range(count)]
-    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm_spec(model))

@@ -66,6 +66,17 @@ def check_config(config: TrainConfig, world_size: int, gpus: Optional[bool] = No
             f"micro-batches per step (beyond that it does not yet train like one process), got {micro_batches}; "
             f"change training.global_batch_size or micro_batch_size, or set parallel.virtual_pipeline=1"
         )
+    if any(model.layer_mixer(i) != "attention" for i in range(1, model.num_layers + 1)):
+        # The Triton kernels of the mixer address a micro-batch's [tokens, width] tensors with 32-bit offsets;
+        # the widest is this rank's input projection.
+        tokens = t.micro_batch_size * d.seq_length // layout.context
+        width = (2 * model.key_head_dim + 2 * model.value_head_dim + 2) * model.num_heads // layout.tensor
+        if tokens * width >= 2**31:
+            raise ConfigError(
+                f"{tokens} tokens per micro-batch and rank x the mixer's {width}-wide input projection exceed the "
+                f"kernels' 32-bit offsets (2^31 elements); lower training.micro_batch_size or data.seq_length, or "
+                f"raise parallel.context (at most {(2**31 - 1) // width} tokens per rank)"
+            )
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"training.precision must be auto, bf16 or fp32, got {t.precision!r}")
     if t.recompute and not cuda:

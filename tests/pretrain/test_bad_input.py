@@ -53,6 +53,8 @@ def test_the_tiny_config_passes(tmp_path, tiny_corpus):
           "training.micro_batch_size=4"], 2, "micro-batches per step (beyond that it does not yet train like one process), got 4"),
         (["parallel.sequence_parallel=true"], 1, "sequence_parallel splits the sequence between tensor-parallel ranks"),
         (["data.seq_length=0"], 1, "data.seq_length must be positive, got 0"),
+        (["data.seq_length=4194304", "training.micro_batch_size=1", "training.global_batch_size=1"], 1,
+         "4194304 tokens per micro-batch and rank x the mixer's 584-wide input projection exceed the kernels' 32-bit"),
         (["training.global_batch_size=6", "training.micro_batch_size=4"], 1, "must be a multiple of micro_batch_size"),
         (["training.warmup_steps=500"], 1, "training.warmup_steps=500 must be in [0, training.steps=150); lower it"),
         (["training.lr_decay_style=cosin"], 1, "training.lr_decay_style must be one of cosine, linear"),
