@@ -40,7 +40,7 @@ CASES = {
     "tp2-sp": {"tensor": 2, "sequence_parallel": True},
     "pp2-1f1b": {"pipeline": 2},
     "pp2-uneven": {"pipeline": 2, "pipeline_layers": [3, 1]},
-    "pp2-interleaved": {"pipeline": 2, "virtual_pipeline": 2, "training.micro_batch_size": 4},  # 2 micro-batches
+    "pp2-interleaved": {"pipeline": 2, "virtual_pipeline": 2},  # 4 micro-batches: the schedule's steady state
     "cp2": {"context": 2},
     "dp2-zero1": {},
     "dp2-zero2": {"zero_stage": 2},

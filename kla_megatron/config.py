@@ -177,6 +177,12 @@ def transformer_config(
         virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
         pipeline_model_parallel_layout=pipeline_layout,
         pipeline_dtype=params_dtype,
+        # The interleaved schedule exchanges activations and gradients in separate calls (megatron-LM's own setting
+        # for it). Batched, its steady state sends a stage's activation and its input gradient to one neighbour in
+        # one batch_isend_irecv; at pipeline size 2 that neighbour is both the next and the previous stage, the
+        # untagged ops pair by posting order, and the activation lands in the peer's gradient buffer and vice versa.
+        overlap_p2p_comm=virtual_pipeline > 1,
+        batch_p2p_comm=virtual_pipeline == 1,
         context_parallel_size=context_parallel,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,

@@ -58,13 +58,12 @@ def check_config(config: TrainConfig, world_size: int, gpus: Optional[bool] = No
             f"({t.micro_batch_size}) x data-parallel size ({layout.data})"
         )
     micro_batches = t.global_batch_size // (t.micro_batch_size * layout.data)
-    # With more micro-batches than stages, megatron's interleaved schedule enters its steady state, where the
-    # losses of the later micro-batches depart from one process's (measured on CPU and on 2 H200s; under study).
-    if layout.virtual_pipeline > 1 and micro_batches != layout.pipeline:
+    # megatron's interleaved schedule runs the micro-batches in groups of parallel.pipeline through each chunk.
+    if layout.virtual_pipeline > 1 and micro_batches % layout.pipeline:
         raise ConfigError(
-            f"the interleaved pipeline schedule is supported with exactly parallel.pipeline={layout.pipeline} "
-            f"micro-batches per step (beyond that it does not yet train like one process), got {micro_batches}; "
-            f"change training.global_batch_size or micro_batch_size, or set parallel.virtual_pipeline=1"
+            f"the interleaved pipeline schedule needs a multiple of parallel.pipeline={layout.pipeline} micro-batches "
+            f"per step, got {micro_batches} (global_batch_size / (micro_batch_size x data-parallel size)); change "
+            f"training.global_batch_size or micro_batch_size, or set parallel.virtual_pipeline=1"
         )
     if any(model.layer_mixer(i) != "attention" for i in range(1, model.num_layers + 1)):
         # The Triton kernels of the mixer address a micro-batch's [tokens, width] tensors with 32-bit offsets;

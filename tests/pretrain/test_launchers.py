@@ -88,13 +88,21 @@ def test_torchrun_context_parallel(tmp_path, tiny_corpus, short_documents_corpus
 
 
 # Pipelines need layers to split: four (and, for the uneven split, three) layers of the tiny model.
+INTERLEAVED = ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]
+# Four micro-batches a step (global batch 4 / micro-batch 1): the interleaved schedule's steady state, where a
+# stage sends an activation and a gradient to its one neighbour at once; with two, it has only warm-up and cool-down.
+FOUR_MICRO_BATCHES = ["model.num_layers=4", "training.micro_batch_size=1"]
+
+
 @pytest.mark.parametrize("model, processes, layout, label", [
-    (["model.num_layers=4", "model.tie_embeddings=true"], 2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
-     "TP 1 PP 2 (x2 interleaved) CP 1 DP 1"),
+    (["model.num_layers=4", "model.tie_embeddings=true"], 2, INTERLEAVED, "TP 1 PP 2 (x2 interleaved) CP 1 DP 1"),
+    ([*FOUR_MICRO_BATCHES, "model.tie_embeddings=true"], 2, INTERLEAVED, "TP 1 PP 2 (x2 interleaved) CP 1 DP 1"),
+    ([*FOUR_MICRO_BATCHES, "training.precision=bf16"], 2, INTERLEAVED, "TP 1 PP 2 (x2 interleaved) CP 1 DP 1"),
     (["model.num_layers=3"], 2, ["parallel.pipeline=2", "parallel.pipeline_layers=[2, 1]"], "TP 1 PP 2 CP 1 DP 1"),
     # bf16 (on CPU too): each micro-batch's bf16 gradient is summed in fp32 on every stage, however the pipeline
     # interleaves forwards and backwards (DeepSpeed's end-of-backward accumulation missed micro-batches there).
     (["model.num_layers=4", "training.precision=bf16"], 2, ["parallel.pipeline=2"], "TP 1 PP 2 CP 1 DP 1"),
-], ids=["pp2-interleaved-tied-embeddings", "pp2-uneven", "pp2-bf16"])
+], ids=["pp2-interleaved-tied-embeddings", "pp2-interleaved-steady-state", "pp2-interleaved-steady-state-bf16",
+        "pp2-uneven", "pp2-bf16"])
 def test_torchrun_pipeline_parallel(tmp_path, tiny_corpus, model, processes, layout, label):
     assert_torchrun_trains_like_one_process(tmp_path, tiny_corpus, model, processes, layout, label)
