@@ -136,7 +136,12 @@ def main() -> int:
 
     print(f"preparing the exports in {exports}", flush=True)
     prepare_exports(exports)
+    import transformers
+
     rows, started = [], time.time()
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "transformers": transformers.__version__, "vocab": VOCAB, "new_tokens": args.new_tokens, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     todo = args.rows.split(",")
     for i, row in enumerate(todo):
         command = [sys.executable, __file__, "--worker", row, "--new-tokens", str(args.new_tokens),
@@ -152,12 +157,7 @@ def main() -> int:
         elapsed = time.time() - started
         print(f"[{i + 1}/{len(todo)}] {row}: {rows[-1].get('decode_tokens_per_s', rows[-1].get('error'))} | "
               f"{elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(todo) - i - 1):.0f} s", flush=True)
-    import transformers
-
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "transformers": transformers.__version__, "vocab": VOCAB, "new_tokens": args.new_tokens, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")  # after every row: a cut run keeps its rows
     print(f"\n{result['device']}, bf16, transformers {result['transformers']}\n{table(rows)}\nwrote {args.out}")
     return 0
 
