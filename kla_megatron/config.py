@@ -14,6 +14,15 @@ from megatron.core.transformer import TransformerConfig
 
 Mixer = Literal["kla", "gdn", "attention"]
 
+# megatron's selective-recompute modules offered for our layers, and why the others that touch them are not.
+RECOMPUTE_MODULES = ("mlp",)
+RECOMPUTE_MODULES_NOT_OFFERED = {
+    "layernorm": "megatron-core 0.16.1's norm recompute (CheckpointWithoutOutput) takes a Transformer Engine-only FP8 "
+                 "path and fails without Transformer Engine, which this project does not use",
+    "core_attn": "flash attention keeps only its output and log-sum-exp (no s x s scores), so rebuilding it would save "
+                 "little for a second attention forward",
+}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -143,9 +152,11 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     use_cpu_initialization: bool = False,
     recompute: bool = False,
+    recompute_modules: tuple = (),
 ) -> TransformerConfig:
     """Megatron's TransformerConfig for `model` under the given parallel layout and precision.
-    pipeline_layout: megatron's per-chunk layer layout for uneven pipeline splits (None: even)."""
+    pipeline_layout: megatron's per-chunk layer layout for uneven pipeline splits (None: even).
+    recompute: full recompute, one layer at a time; else recompute_modules (of RECOMPUTE_MODULES): selective."""
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -190,8 +201,9 @@ def transformer_config(
         use_cpu_initialization=use_cpu_initialization,
         # Checkpoint each layer under its own key (layers.N.*), as hybrid models need: their layers differ.
         hetereogenous_dist_checkpoint=True,
-        recompute_granularity="full" if recompute else None,
+        recompute_granularity="full" if recompute else "selective" if recompute_modules else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        recompute_modules=list(recompute_modules),
         cuda_graph_scope=[],  # megatron's own default, "full", warns that it is deprecated
     )

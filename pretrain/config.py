@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from kla_megatron.config import NAMED_MODELS, ModelConfig, named_model
+from kla_megatron.config import NAMED_MODELS, RECOMPUTE_MODULES, RECOMPUTE_MODULES_NOT_OFFERED, ModelConfig, named_model
 
 
 class ConfigError(ValueError):
@@ -91,7 +91,22 @@ class TrainingSection:
     """bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
     recompute: bool = False
     """Full activation recompute, layer by layer."""
+    recompute_modules: list = field(default_factory=list)
+    """Selective activation recompute (with recompute=false): the parts of every layer rebuilt in the backward
+    instead of kept, by megatron's names: "mlp" (the MLP's fc1 output and fc2 input; its input stays)."""
     seed: int = 1234
+
+    def __post_init__(self):
+        for module in self.recompute_modules:
+            if module in RECOMPUTE_MODULES_NOT_OFFERED:
+                raise ConfigError(f"training.recompute_modules: {module!r} is not offered: {RECOMPUTE_MODULES_NOT_OFFERED[module]}; "
+                                  f"choose from {list(RECOMPUTE_MODULES)}")
+        unknown = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown:
+            raise ConfigError(f"training.recompute_modules: unknown module(s) {unknown}; choose from {list(RECOMPUTE_MODULES)}")
+        if self.recompute and self.recompute_modules:
+            raise ConfigError("training.recompute=true already recomputes every layer whole; set training.recompute_modules=[] "
+                              "or training.recompute=false (selective recompute)")
 
 
 @dataclass

@@ -3,7 +3,8 @@
     python -m pretrain.estimate --config configs/kla_1.3b.toml [--gpus 16] [--vocab-size 32000] [key=value ...]
 
 Prints, for the GPU that holds the most (a pipeline rank: the first holds the most micro-batches, the last
-the logits), what training keeps in GPU memory, with and without full activation recompute, whether it
+the logits), what training keeps in GPU memory without activation recompute, with full and with selective
+recompute (the config's training.recompute_modules, else all of them), whether it
 fits 80 GB and 141 GB GPUs, and the step time expected from a measured throughput (bench/results/*.json).
 `python -m pretrain` runs the same estimate before it allocates anything and refuses a layout that cannot
 fit its GPU unless `parallel.force_layout=true`. It estimates the GPU code paths (Triton kernels, megatron's
@@ -32,6 +33,8 @@ ranks, e = 2 in bf16 runs and 4 in fp32 runs):
                  pipeline rank r: min(pipeline - r, micro-batches); interleaved (v chunks a rank):
                  2 (pipeline - r - 1) + (v - 1) pipeline + 1. Full recompute keeps only each layer's input
                  (e h' per token) and rebuilds one layer at a time in the backward (counted apart: "rebuilt").
+                 Selective recompute of "mlp" keeps the MLP's input only (its fc1 output and fc2 input leave:
+                 3 e F') and rebuilds one layer's MLP at a time in the backward (also "rebuilt")
   logits         last stage: the logits (e V' per token, V' = padded vocabulary / TP), which our cross
                  entropy keeps and overwrites with their own gradient, and its per-token labels and
                  statistics (16); the final norm's input and output (2 e h' + 4)
@@ -81,6 +84,7 @@ from pathlib import Path
 from typing import Optional
 
 from kernels.kla.sequences import CHUNK
+from kla_megatron.config import RECOMPUTE_MODULES
 from pretrain.config import ConfigError
 from pretrain.layout import ParallelLayout
 
@@ -106,6 +110,8 @@ class Step:
     global_batch_size: int
     recompute: bool
     bf16: bool
+    recompute_modules: tuple = ()
+    """Selective recompute: megatron's modules of every layer rebuilt in the backward."""
 
     @property
     def num_microbatches(self) -> int:
@@ -127,7 +133,8 @@ class Step:
         layout = ParallelLayout.build(config.parallel, config.model.resolve(), world_size, True, config.data.seq_length)
         if bf16 is None:
             bf16 = t.precision != "fp32"  # auto means bf16 on the GPUs this estimates
-        return Step(layout, t.micro_batch_size, config.data.seq_length, t.global_batch_size, t.recompute, bf16)
+        return Step(layout, t.micro_batch_size, config.data.seq_length, t.global_batch_size, t.recompute, bf16,
+                    tuple(t.recompute_modules))
 
     def describe(self) -> str:
         return f"{self.layout.world_size} GPU(s): {self.layout.describe()}, {'bf16' if self.bf16 else 'fp32'}"
@@ -136,7 +143,9 @@ class Step:
 # -- per-token activations -----------------------------------------------------------------------------
 
 def layer_terms(model, mixer: str, step: Step) -> dict:
-    """Bytes that one layer keeps for its backward, per token of this GPU's micro-batch, by what keeps them."""
+    """Bytes that one layer keeps for its backward, per token of this GPU's micro-batch, by what keeps them
+    (under the step's selective recompute what a rebuilt module would keep counts 0: megatron's checkpoint keeps
+    only the module's input, which is kept already)."""
     e, layout = step.element, step.layout
     h = model.hidden_size // layout.tensor if layout.sequence_parallel else model.hidden_size
     ffn = model.ffn_hidden_size // layout.tensor
@@ -144,7 +153,7 @@ def layer_terms(model, mixer: str, step: Step) -> dict:
     terms = {
         "norms: inputs and scales": 2 * (e * h + 4),
         "norm outputs (in_proj or qkv and fc1 inputs)": 2 * e * h,
-        "MLP: fc1 output and fc2 input": 3 * e * ffn,
+        "MLP: fc1 output and fc2 input": 0 if "mlp" in step.recompute_modules else 3 * e * ffn,
     }
     if mixer == "attention":
         d = model.attention_head_dim
@@ -170,6 +179,11 @@ def layer_terms(model, mixer: str, step: Step) -> dict:
         sequence = step.seq_length // layout.context
         terms["mixer: context-parallel transitions, incoming state"] = 4 * heads * K * (layout.context * K + V) / sequence
     return terms
+
+
+def rebuilt_bytes(model, step: Step) -> float:
+    """Bytes per token that selective recompute rebuilds for one layer at a time in its backward."""
+    return 3 * step.element * model.ffn_hidden_size // step.layout.tensor if "mlp" in step.recompute_modules else 0
 
 
 def backward_temporaries(model, mixer: str, step: Step) -> float:
@@ -245,7 +259,7 @@ class RankMemory:
     step: float = 0
     activations: float = 0
     rebuilt: float = 0
-    """Full recompute: the one layer whose activations the backward rebuilds at a time."""
+    """Recompute: what the backward rebuilds at a time (full: one layer; selective: its modules of one layer)."""
     logits: float = 0
     backward: float = 0
     buffers: float = 0
@@ -327,13 +341,16 @@ def in_flight(layout: ParallelLayout, rank: int, microbatches: int) -> int:
     return min(warmup + 1, microbatches * chunks)
 
 
-def estimate(config, world_size: int, vocab_size: int, bf16: Optional[bool] = None, recompute: Optional[bool] = None) -> Estimate:
+def with_recompute(config, full: bool, modules=()):
+    """`config` with training.recompute=full and training.recompute_modules=modules."""
+    return dataclasses.replace(config, training=dataclasses.replace(config.training, recompute=full, recompute_modules=list(modules)))
+
+
+def estimate(config, world_size: int, vocab_size: int, bf16: Optional[bool] = None) -> Estimate:
     """The memory of each pipeline rank's GPU for `config` on `world_size` GPUs."""
     from kla_megatron.model import padded_vocab_size
 
     model = config.model.resolve()
-    if recompute is not None:
-        config = dataclasses.replace(config, training=dataclasses.replace(config.training, recompute=recompute))
     step = Step.of(config, world_size, bf16)
     layout, e, t = step.layout, step.element, step.tokens
     vocab_rows = padded_vocab_size(vocab_size, layout.tensor)
@@ -353,6 +370,8 @@ def estimate(config, world_size: int, vocab_size: int, bf16: Optional[bool] = No
         if step.recompute:  # each layer's input kept, and one layer rebuilt at a time in the backward
             per_chunk = max(map(len, mine)) * e * h
             m.rebuilt = max(per_layer.values()) * t
+        else:  # selective: one layer's rebuilt modules at a time (none without it)
+            m.rebuilt = rebuilt_bytes(model, step) * t
         m.activations = per_chunk * t * flight
         if rank > 0:
             m.activations += 2 * e * h * t * flight  # the schedule's received inputs and sent outputs
@@ -377,10 +396,15 @@ def check_fits(config, world_size: int, vocab_size: int, total_memory: int, devi
         return result
     worst, step = result.worst, result.step
     hints = []
+    if not step.recompute and set(step.recompute_modules) != set(RECOMPUTE_MODULES):
+        selective = estimate(with_recompute(config, False, RECOMPUTE_MODULES), world_size, vocab_size).peak
+        if selective <= limit:
+            hints.append(f"training.recompute_modules={json.dumps(list(RECOMPUTE_MODULES))} ({selective / GIB:.1f} GiB)")
     if not step.recompute:
-        with_recompute = estimate(config, world_size, vocab_size, recompute=True).peak
-        if with_recompute <= limit:
-            hints.append(f"training.recompute=true ({with_recompute / GIB:.1f} GiB)")
+        full = estimate(with_recompute(config, True), world_size, vocab_size).peak
+        if full <= limit:
+            clear = " training.recompute_modules=[]" if step.recompute_modules else ""
+            hints.append(f"training.recompute=true{clear} ({full / GIB:.1f} GiB)")
     if step.micro_batch_size > 1:
         hints.append("a smaller training.micro_batch_size")
     if step.layout.zero_stage == 1 and step.layout.pipeline == 1 and step.layout.data_context > 1:
@@ -412,7 +436,7 @@ def _measured_runs() -> list:
 
 
 def _same_work_per_gpu(run: dict, config, step: Step) -> bool:
-    """Whether a measured run did the same work per GPU: same model, sequence, micro-batch, recompute,
+    """Whether a measured run did the same work per GPU: same model, sequence, micro-batch, recompute (full or selective),
     kernels and model-parallel layout (data parallelism only repeats it)."""
     c, layout = run["config"], step.layout
     parallel = c.get("parallel", {})
@@ -421,6 +445,7 @@ def _same_work_per_gpu(run: dict, config, step: Step) -> bool:
         and c["data"]["seq_length"] == step.seq_length
         and c["training"]["micro_batch_size"] == step.micro_batch_size
         and c["training"].get("recompute", False) == step.recompute
+        and set(c["training"].get("recompute_modules", [])) == set(step.recompute_modules)
         and all(parallel.get(k, 1) == getattr(layout, k) for k in ("tensor", "pipeline", "virtual_pipeline", "context"))
         and parallel.get("sequence_parallel", False) == layout.sequence_parallel
     )
@@ -447,38 +472,48 @@ def vocab_size_of(config) -> Optional[int]:
 
 
 def report(config, world_size: int, vocab_size: int, vocab_note: str) -> str:
-    plain = estimate(config, world_size, vocab_size, recompute=False)
-    recomputed = estimate(config, world_size, vocab_size, recompute=True)
+    chosen = config.training.recompute_modules
+    modules = chosen or RECOMPUTE_MODULES
+    plain = estimate(with_recompute(config, False), world_size, vocab_size)
+    columns = [("no recompute", plain), ("full recompute", estimate(with_recompute(config, True), world_size, vocab_size)),
+               ("selective", estimate(with_recompute(config, False, modules), world_size, vocab_size))]
     step, layout, model = plain.step, plain.step.layout, plain.model
-    a, b = plain.worst, recomputed.worst
+    a = plain.worst
     rows = [
-        (f"parameters ({a.parameters / 1e6:,.0f}M on this GPU)", a.weights, b.weights),
-        (f"optimizer (fp32 master + Adam, sharded {layout.data_context} ways)", a.optimizer, b.optimizer),
-        (f"gradients (ZeRO-{layout.zero_stage})", a.gradients, b.gradients),
-        ("gradient buffers during a backward", a.gradient_buffers, b.gradient_buffers),
-        (f"activations ({a.layers} layers, {a.in_flight} micro-batch(es) in flight)", a.activations, b.activations),
-        ("  one layer rebuilt in the backward (recompute)", a.rebuilt, b.rebuilt),
-        ("logits and final norm (freed before a layer is rebuilt)", a.logits, b.logits),
-        ("backward temporaries, buffers", a.backward + a.buffers, b.backward + b.buffers),
-        ("peak (torch.cuda.max_memory_allocated)", a.peak, b.peak),
+        (f"parameters ({a.parameters / 1e6:,.0f}M on this GPU)", lambda m: m.weights),
+        (f"optimizer (fp32 master + Adam, sharded {layout.data_context} ways)", lambda m: m.optimizer),
+        (f"gradients (ZeRO-{layout.zero_stage})", lambda m: m.gradients),
+        ("gradient buffers during a backward", lambda m: m.gradient_buffers),
+        (f"activations ({a.layers} layers, {a.in_flight} micro-batch(es) in flight)", lambda m: m.activations),
+        ("  rebuilt by recompute in a layer's backward", lambda m: m.rebuilt),
+        ("logits and final norm (freed before anything is rebuilt)", lambda m: m.logits),
+        ("backward temporaries, buffers", lambda m: m.backward + m.buffers),
+        ("peak (torch.cuda.max_memory_allocated)", lambda m: m.peak),
     ]
+    header = "".join(f"{name:>16}" for name, _ in columns)
     lines = [
         f"{config.model.name} ({model.mixer}, {model.num_layers} layers, hidden {model.hidden_size}; vocab {vocab_size} "
         f"({vocab_note}) -> {plain.vocab_rows} rows) | {step.describe()}",
         f"micro-batch {step.micro_batch_size} x {step.seq_length} tokens, {step.num_microbatches} micro-batch(es) a step, "
         f"{step.global_batch_size * step.seq_length:,} tokens a step | {plain.total_parameters / 1e9:.2f}B parameters",
         "",
-        f"{f'GiB per GPU (pipeline rank {a.rank} of {layout.pipeline})':<56}{'no recompute':>14}{'full recompute':>16}",
+        f"{f'GiB per GPU (pipeline rank {a.rank} of {layout.pipeline})':<56}{header}",
     ]
-    lines += [f"  {label:<54}{x / GIB:>14.2f}{y / GIB:>16.2f}" for label, x, y in rows]
+    lines += [f"  {label:<54}" + "".join(f"{value(e.worst) / GIB:>16.2f}" for _, e in columns) for label, value in rows]
     for name, size in GPU_SIZES.items():
         usable = usable_bytes(size)
-        verdict = lambda x: "fits" if x.peak <= usable else "does not fit"  # noqa: E731
-        lines.append(f"  {f'on {name} GPUs ({usable / GIB:.0f} GiB usable)':<54}{verdict(plain):>14}{verdict(recomputed):>16}")
-    lines += ["", "activations per layer and token (first layer):"]
-    lines += [f"  {size:10,.0f} B  {name}" for name, size in plain.terms.items() if size]
-    lines.append(f"  {sum(plain.terms.values()):10,.0f} B  total; x {step.tokens:,} tokens a micro-batch per GPU")
-    run = measured_throughput(config, step)
+        lines.append(f"  {f'on {name} GPUs ({usable / GIB:.0f} GiB usable)':<54}"
+                     + "".join(f"{'fits' if e.peak <= usable else 'does not fit':>16}" for _, e in columns))
+    lines.append(f"  selective: training.recompute_modules={json.dumps(list(modules))}"
+                 + ("" if chosen else " (all of them; the config selects none)"))
+    selective = columns[2][1]
+    rebuilt = rebuilt_bytes(model, selective.step)
+    lines += ["", f"activations per layer and token (first layer), bytes:{'no recompute':>16}{'selective':>12}"]
+    lines += [f"  {name:<52}{size:>16,.0f}{selective.terms[name]:>12,.0f}" for name, size in plain.terms.items() if size]
+    lines.append(f"  {'total':<52}{sum(plain.terms.values()):>16,.0f}{sum(selective.terms.values()):>12,.0f}")
+    lines.append(f"  {'selective: one layer rebuilt at a time in its backward':<52}{'':>16}{rebuilt:>12,.0f}")
+    lines.append(f"  x {step.tokens:,} tokens a micro-batch per GPU")
+    run = measured_throughput(config, Step.of(config, world_size))
     tokens_per_step = step.global_batch_size * step.seq_length
     if run is None:
         lines.append("\nstep time: no measurement of this model, sequence, micro-batch, recompute and TP/PP/CP layout in "

@@ -80,6 +80,8 @@ def check_config(config: TrainConfig, world_size: int, gpus: Optional[bool] = No
         raise ConfigError(f"training.precision must be auto, bf16 or fp32, got {t.precision!r}")
     if t.recompute and not cuda:
         raise ConfigError("training.recompute needs a GPU (megatron's activation recompute saves CUDA RNG states); set it to false")
+    if t.recompute_modules and not cuda:
+        raise ConfigError("training.recompute_modules needs a GPU (megatron's selective recompute saves CUDA RNG states); set it to []")
     if model.kernel_backend == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("model.kernel_backend=triton needs a GPU (or TRITON_INTERPRET=1, slow, for tests); use auto or torch on CPU")
     if not 0 <= t.warmup_steps < t.steps:
@@ -223,6 +225,7 @@ def run(config: TrainConfig, resume: bool) -> History:
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=not torch.cuda.is_available(),
         recompute=t.recompute,
+        recompute_modules=tuple(t.recompute_modules),
     )
     with cuda_bookkeeping_on_cpu():
         model = build_model_chunks(model_config, tf_config, tokenizer.vocab_size, config.data.seq_length, groups)

@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pretrain_testing import free_port
+
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> dict:
@@ -43,3 +45,29 @@ def write_corpus(root: Path, document_tokens) -> dict:
     return {"tokenizer": str(root / "tokenizer.model"), **prefixes}
 
 
+@pytest.fixture
+def megatron_rng_on_cpu(monkeypatch):
+    """megatron's activation recompute snapshots and restores the CUDA RNG states, which a CPU-only torch has
+    not: here the CPU generator's state stands in (nothing in our layers draws random numbers)."""
+    import torch
+    from megatron.core.tensor_parallel import random
+
+    monkeypatch.setattr(random, "_get_all_rng_states", lambda: (torch.get_rng_state(), None, {}))
+    monkeypatch.setattr(random, "_set_all_rng_states", lambda cpu, cuda, tracker: torch.set_rng_state(cpu))
+
+
+@pytest.fixture
+def single_process_world(monkeypatch):
+    """A gloo process group of one and megatron's parallel state, for building modules."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

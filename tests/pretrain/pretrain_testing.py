@@ -49,3 +49,28 @@ def run_pretrain(output_dir: Path, corpus: dict, *overrides: str, resume: bool =
         pretrain_command(output_dir, corpus, *overrides, resume=resume),
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )
+
+
+def layer_forward(config, dtype, make_config, device: str, seed: int = 0):
+    """One megatron layer of `config`'s model (mixer `model.mixer`) built by `make_config` (transformer_config's
+    signature), run forward on a random input [s, b, h] that wants gradients: (layer, input, output)."""
+    import torch
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.spec_utils import build_module
+
+    from kla_megatron.specs import layer_spec
+    from pretrain.cpu import cuda_bookkeeping_on_cpu
+
+    torch.manual_seed(seed)
+    model = config.model.resolve()
+    on_cpu = device == "cpu"
+    layer = build_module(layer_spec(model.mixer, model), config=make_config(model, params_dtype=dtype, use_cpu_initialization=on_cpu),
+                         layer_number=1).to(device)
+    seq, batch = config.data.seq_length, config.training.micro_batch_size
+    x = torch.randn(seq, batch, model.hidden_size, dtype=dtype, device=device, requires_grad=True)
+    with cuda_bookkeeping_on_cpu():
+        rope = None
+        if model.mixer == "attention":
+            rope = RotaryEmbedding(model.attention_head_dim, rotary_percent=1.0, use_cpu_initialization=on_cpu)(seq)
+        out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
+    return layer, x, out

@@ -60,6 +60,12 @@ def test_the_tiny_config_passes(tmp_path, tiny_corpus):
         (["training.lr_decay_style=cosin"], 1, "training.lr_decay_style must be one of cosine, linear"),
         (["training.min_lr=0.1"], 1, "training.min_lr=0.1 must be in [0, training.lr=0.003]"),
         (["data.train_weights=[1.0, 2.0]"], 1, "one positive weight per prefix"),
+        (['training.recompute_modules=["mpl"]'], 1, "training.recompute_modules: unknown module(s) ['mpl']; choose from ['mlp']"),
+        (['training.recompute_modules="mlp"'], 1, "'training.recompute_modules' wants a list, got 'mlp'"),
+        (['training.recompute_modules=["layernorm"]'], 1, "'layernorm' is not offered: megatron-core 0.16.1's norm recompute"),
+        (['training.recompute_modules=["core_attn"]'], 1, "'core_attn' is not offered: flash attention keeps only"),
+        (["training.recompute=true", 'training.recompute_modules=["mlp"]'], 1,
+         "training.recompute=true already recomputes every layer whole; set training.recompute_modules=[]"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, tiny_corpus, overrides, world_size, message):
@@ -74,6 +80,7 @@ def test_bad_settings_are_named(tmp_path, tiny_corpus, overrides, world_size, me
     [
         (["parallel.tensor=2", "parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel needs GPUs"),
         (["training.recompute=true"], 1, "training.recompute needs a GPU"),
+        (['training.recompute_modules=["mlp"]'], 1, "training.recompute_modules needs a GPU"),
         (["model.kernel_backend=triton"], 1, "model.kernel_backend=triton needs a GPU (or TRITON_INTERPRET=1"),
     ],
 )

@@ -26,8 +26,8 @@ from torch.utils._pytree import tree_flatten
 
 from pretrain.config import ConfigError, load_config
 from pretrain.estimate import (Step, check_fits, estimate, layer_terms, measured_throughput, rank_parameters,
-                               usable_bytes)
-from pretrain_testing import ROOT, corpus_overrides, free_port, subprocess_env
+                               usable_bytes, with_recompute)
+from pretrain_testing import ROOT, corpus_overrides, layer_forward, subprocess_env
 
 TINY = str(ROOT / "configs" / "tiny.toml")
 H100, H200 = 81559 * 2**20, 143771 * 2**20
@@ -35,23 +35,6 @@ H100, H200 = 81559 * 2**20, 143771 * 2**20
 
 def tiny_config(*overrides):
     return load_config(TINY, list(overrides))
-
-
-@pytest.fixture
-def single_process_world(monkeypatch):
-    """A gloo process group of one and megatron's parallel state, for building modules."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    try:
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.fixture
@@ -124,24 +107,8 @@ def saved_bytes(output: torch.Tensor, parameters) -> int:
 
 def layer_saved_bytes_per_token(config, dtype, make_config, device):
     """One layer of `config`'s model, forward on random input: bytes autograd keeps, per token."""
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron.core.transformer.spec_utils import build_module
-
-    from kla_megatron.specs import layer_spec
-    from pretrain.cpu import cuda_bookkeeping_on_cpu
-
-    model = config.model.resolve()
-    on_cpu = device == "cpu"
-    layer = build_module(layer_spec(model.mixer, model), config=make_config(model, params_dtype=dtype, use_cpu_initialization=on_cpu),
-                         layer_number=1).to(device)
-    seq, batch = config.data.seq_length, config.training.micro_batch_size
-    x = torch.randn(seq, batch, model.hidden_size, dtype=dtype, device=device, requires_grad=True)
-    with cuda_bookkeeping_on_cpu():
-        rope = None
-        if model.mixer == "attention":
-            rope = RotaryEmbedding(model.attention_head_dim, rotary_percent=1.0, use_cpu_initialization=on_cpu)(seq)
-        out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
-    return saved_bytes(out, layer.parameters()) / (seq * batch)
+    layer, x, out = layer_forward(config, dtype, make_config, device)
+    return saved_bytes(out, layer.parameters()) / x[..., 0].numel()
 
 
 @pytest.mark.parametrize(
@@ -155,6 +122,37 @@ def test_layer_activations_are_what_autograd_keeps(single_process_world, gpu_cod
     estimated = sum(layer_terms(config.model.resolve(), mixer, Step.of(config, 1, bf16=dtype == torch.bfloat16)).values())
     # Not estimated: the norm weights' fp32 copies (per layer, not per token): 0.1% at this tiny width.
     assert abs(estimated - measured) <= 2e-3 * measured, (estimated, measured)
+
+
+@pytest.mark.parametrize("mixer", ["kla", "attention"])
+def test_selective_recompute_keeps_what_the_estimate_says(single_process_world, gpu_code_paths, megatron_rng_on_cpu, mixer):
+    """megatron's selective recompute of the MLP on our layers: autograd keeps exactly the estimate's MLP term less
+    (the attention layer's flash kernel has no CPU twin: its difference is checked; KLA's whole count too)."""
+    config = tiny_config(f"model.mixer={mixer}", "model.kernel_backend=triton", "data.seq_length=128",
+                         "training.micro_batch_size=2")
+    plain = layer_saved_bytes_per_token(config, torch.bfloat16, gpu_code_paths, "cpu")
+    selective = layer_saved_bytes_per_token(config, torch.bfloat16, functools.partial(gpu_code_paths, recompute_modules=("mlp",)), "cpu")
+    step = Step.of(with_recompute(config, False, ["mlp"]), 1, bf16=True)
+    estimated = sum(layer_terms(config.model.resolve(), mixer, step).values())
+    assert plain - selective == sum(layer_terms(config.model.resolve(), mixer, Step.of(config, 1, bf16=True)).values()) - estimated
+    if mixer == "kla":
+        assert abs(estimated - selective) <= 2e-3 * selective, (estimated, selective)
+
+
+@pytest.mark.parametrize("layout, world_size", [([], 1), (["parallel.tensor=2", "parallel.sequence_parallel=true"], 2)])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_selective_recompute_arithmetic(layout, world_size, bf16):
+    """Recomputing the MLP saves its fc1 output and fc2 input, 3 e F' bytes a layer and token; one layer's come back
+    at a time in the backward, after the logits are freed, so the peak holds the larger of the two."""
+    config = load_config(str(ROOT / "configs" / "kla_0.4b.toml"), layout)
+    plain = estimate(with_recompute(config, False), world_size, 32000, bf16)
+    selective = estimate(with_recompute(config, False, ["mlp"]), world_size, 32000, bf16)
+    mlp = 3 * (2 if bf16 else 4) * config.model.resolve().ffn_hidden_size // plain.step.layout.tensor
+    assert sum(plain.terms.values()) - sum(selective.terms.values()) == mlp
+    a, b = plain.worst, selective.worst
+    assert a.activations - b.activations == a.layers * mlp * plain.step.tokens
+    assert (a.rebuilt, b.rebuilt) == (0, mlp * plain.step.tokens)
+    assert plain.peak - selective.peak == a.activations - b.activations - (max(b.logits, b.rebuilt) - a.logits)
 
 
 @pytest.mark.gpu
@@ -255,6 +253,11 @@ def test_a_layout_that_cannot_fit_is_refused_with_the_fix():
     assert "this layout needs about" in message and "NVIDIA H100 80GB HBM3 has 79.6 GiB" in message
     assert "training.recompute=true (" in message and "a smaller training.micro_batch_size" in message
     assert "parallel.force_layout=true" in message and "more parallel.tensor" in message
+    assert "recompute_modules" not in message  # selective recompute would not fit: not offered
+    one_sample = load_config(str(ROOT / "configs" / "kla_7b.toml"), ["parallel.tensor=1", "parallel.sequence_parallel=false",
+                                                                      "training.micro_batch_size=1"])
+    with pytest.raises(ConfigError, match=r'try training.recompute_modules=\["mlp"\] \([\d.]+ GiB\), training.recompute=true \('):
+        check_fits(one_sample, 64, 32000, H100, "NVIDIA H100 80GB HBM3")
     check_fits(load_config(str(ROOT / "configs" / "kla_7b.toml")), 64, 32000, H100)
 
 
@@ -354,6 +357,8 @@ def test_command_line_report_and_step_time():
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "peak (torch.cuda.max_memory_allocated)" in run.stdout and "on 80 GB GPUs" in run.stdout
+    assert "no recompute  full recompute       selective" in run.stdout
+    assert 'selective: training.recompute_modules=["mlp"] (all of them; the config selects none)' in run.stdout
     # 8 x 4096 tokens a step at the newest tokens/s bench/results holds for this per-GPU work (kla-0.4b, 4 x 4096
     # tokens a micro-batch on one GPU)
     config = load_config(str(ROOT / "configs" / "kla_0.4b.toml"), ["training.global_batch_size=8", "parallel.data=0"])
