@@ -39,7 +39,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.kernels import fla_gdn, make_inputs, unlock_fla_backward  # noqa: E402
-from bench.pretrain import run_trainer  # noqa: E402
+from bench.pretrain import merge_results, run_trainer  # noqa: E402
 from kernels import chunk_kla, chunk_kla_context_parallel, local_documents  # noqa: E402
 
 OUT = "bench/results/context_parallel.json"
@@ -159,14 +159,6 @@ def parity(T, group, varlen):
             "max_rel_err_grad": max(errors[1:])}
 
 
-def merge(part: dict, out: Path):
-    """Write `part`'s keys into the JSON at `out`, keeping what the other subcommand wrote there."""
-    result = json.loads(out.read_text()) if out.exists() else {}
-    result.update(part)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-
-
 def print_layer_table(result):
     print(f"\nparity, CP={result['ranks']} against one GPU (relative error over the whole sequence)")
     for r in result["parity"]:
@@ -199,14 +191,14 @@ def layer(args):
               "parity": [parity(tokens[0], group, varlen) for varlen in (False, True)], "layer": []}
     out = Path(args.out)
     if dist.get_rank() == 0:
-        merge(result, out)
+        merge_results(result, out)
         print(f"parity: {result['parity']}", flush=True)
     for T in tokens:
         if dist.get_rank() == 0:
             print(f"{T} tokens", flush=True)
         result["layer"] += rows_for(T, group)
         if dist.get_rank() == 0:  # after every length, so a run cut short keeps what it measured
-            merge(result, out)
+            merge_results(result, out)
     if dist.get_rank() == 0:
         print_layer_table(result)
         print(f"wrote {out}")
@@ -235,7 +227,7 @@ def train(args):
                 row[f"cp{cp}_ms"], row[f"cp{cp}_error"] = None, f"exit {e.returncode} (see the log above)"
         row["speedup"] = round(row["cp1_ms"] / row["cp2_ms"], 2) if row["cp1_ms"] and row["cp2_ms"] else None
         speed.append(row)
-        merge({"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "speed": speed}, out)
+        merge_results({"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "speed": speed}, out)
         print(f"{seq} tokens: CP=1 {row['cp1_ms']} ms, CP=2 {row['cp2_ms']} ms, speedup {row['speedup']}x", flush=True)
     tried = []
     for seq in (int(x) for x in args.longest.split(",") if x):
@@ -246,7 +238,7 @@ def train(args):
         except subprocess.CalledProcessError as e:
             tried.append({"seq": seq, "error": f"exit {e.returncode} (see the log above)"})
     longest = next((t["seq"] for t in tried if "error" not in t), None)
-    merge({"longest_seq_cp2": longest, "longest_tried": tried}, out)
+    merge_results({"longest_seq_cp2": longest, "longest_tried": tried}, out)
     print("\n| seq | CP=1 ms | CP=2 ms | speedup | peak GiB CP=1 / CP=2 |\n|---|---|---|---|---|")
     for r in speed:
         print(f"| {r['seq']} | {r['cp1_ms']} | {r['cp2_ms']} | {r['speedup']}x | {r.get('cp1_peak_gib')} / "

@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.pretrain import merge_results, run_trainer  # noqa: E402
 
 STEPS = 20
 MODEL = ["model.name=tiny", "model.num_layers=4", "data.seq_length=256", "training.micro_batch_size=2",
@@ -91,14 +92,6 @@ def layout_name(case) -> str:
     return f"tp{f['tp']}pp{f['pp']}dp{f['dp']}" + (f"cp{f['cp']}" if f["cp"] > 1 else "")
 
 
-def merge(part: dict, out: Path):
-    """Write `part`'s keys into the JSON at `out`, keeping what the other subcommands wrote there."""
-    result = json.loads(out.read_text()) if out.exists() else {}
-    result.update(part)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-
-
 def launcher(case) -> list:
     if case is None:
         return [sys.executable]
@@ -126,7 +119,7 @@ def reshard(work: Path, manifest: str, out: Path):
                      "resumed_at": RESHARD_AT, "steps": STEPS,
                      "max_rel_loss_diff": max(abs(ours[s] - ref[s]) / abs(ref[s]) for s in after)})
         print(f"{name}: {rows[-1]['max_rel_loss_diff']:.2e}", flush=True)
-        merge({"reshard": rows}, out)
+        merge_results({"reshard": rows}, out)
     print("| saved at | resumed at | max relative loss difference, steps after the resume |\n|---|---|---|")
     for r in rows:
         print(f"| {r['from']} | {r['to']} | {r['max_rel_loss_diff']:.2e} |")
@@ -134,8 +127,6 @@ def reshard(work: Path, manifest: str, out: Path):
 
 def speed(manifest: str, out: Path):
     """kla-0.4b tokens/s per GPU at each layout of SPEED (the trainer's median over steps 3-6)."""
-    from bench.pretrain import run_trainer
-
     rows = []
     for name, case in SPEED.items():
         overrides = [f"data.manifest={manifest}", "data.seq_length=4096", "training.micro_batch_size=4",
@@ -146,7 +137,7 @@ def speed(manifest: str, out: Path):
         rows.append({"name": name, **layout_fields(case, gpus), "gpus": gpus,
                      "tokens_per_s_per_gpu": round(run["tokens_per_s"] / gpus, 1),
                      "peak_gib": round(run["peak_memory_gib"], 2)})
-        merge({"speed": rows}, out)
+        merge_results({"speed": rows}, out)
     base = rows[0]["tokens_per_s_per_gpu"]
     print("| layout | GPUs | tokens/s per GPU | vs 1 GPU | peak GiB |\n|---|---|---|---|---|")
     for r in rows:
@@ -208,7 +199,7 @@ def main() -> int:
                 row["max_rel_loss_diff"] = max(abs(ours[s] - ref[s]) / abs(ref[s]) for s in ref)
                 row["first_loss"], row["last_loss"] = ours["1"], ours[str(STEPS)]
             cases.append(row)
-    merge({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    merge_results({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "date": datetime.date.today().isoformat(), "model": MODEL, "cases": cases}, Path(args.out))
     print("| case | dtype | max relative loss difference vs 1 GPU | bound | loss step 1 -> last |\n|---|---|---|---|---|")
     for r in cases:

@@ -25,6 +25,14 @@ sys.path.insert(0, str(ROOT))
 from pretrain.profiling import format_table  # noqa: E402
 
 
+def merge_results(part: dict, out: Path):
+    """Write `part`'s keys into the JSON at `out`, keeping the keys other runs (or subcommands) wrote there."""
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result.update(part)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def run_trainer(config: str, overrides: list, skip: int, profile_steps=None, env=None, nproc: int = 1) -> dict:
     """One `python -m pretrain` run (no checkpoints, no validation) on `nproc` processes (torchrun when more
     than one); its medians, peaks and series."""
