@@ -18,6 +18,7 @@ counts: decode tokens/s = batch * new / time. A row that does not fit in memory 
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -129,6 +130,9 @@ def main() -> int:
     parser.add_argument("--exports", default="/tmp/kla_hf_decode_exports", help="where the exports are made (reused)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one row, in a process of its own
     args = parser.parse_args()
+    # Each row runs in a process of its own: keep Triton's autotuning results on disk, so a kernel (fla's above
+    # all) tunes once per shape for the whole run instead of once per row.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     exports = Path(args.exports)
     if args.worker:
         print("ROW " + json.dumps(run_row(args.worker, args.new_tokens, exports)), flush=True)

@@ -3,7 +3,7 @@
     python bench/train_throughput.py --data-manifest DIR/manifest.json --out bench/results/train_throughput.json \
         [--rows kla-0.4b:4096:0,fla-gdn-0.4b:4096:0] [--steps 8]
 
-Rows are model:seq:recompute. Every row trains 65,536 tokens a step (4K: 16 sequences in micro-batches of 4;
+Rows are model:seq:recompute[:key=value;...] (settings of ours only, e.g. model.kernel_keep_states=false). Every row trains 65,536 tokens a step (4K: 16 sequences in micro-batches of 4;
 16K: 4 of 1; 64K: 1), bf16, AdamW, vocabulary 32000:
   ours  (kla-0.4b, gdn-0.4b, transformer-0.4b, hybrid-0.4b) the real trainer, `python -m pretrain` (megatron-core,
         DeepSpeed ZeRO-1 with fp32 master weights, our kernels) on the data manifest; tokens/s from its TensorBoard;
@@ -22,6 +22,7 @@ the device (989 TFLOP/s for an H100/H200 SXM). Recompute is not counted as usefu
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -91,22 +92,25 @@ def run_peer(model_name: str, seq: int, recompute: bool, steps: int, skip: int) 
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_last": loss.item()}
 
 
-def run_ours(model_name: str, seq: int, recompute: bool, steps: int, skip: int, manifest: str) -> dict:
+def run_ours(model_name: str, seq: int, recompute: bool, steps: int, skip: int, manifest: str, overrides: list) -> dict:
     micro = micro_batch(seq)
     result = run_trainer("configs/kla_0.4b.toml", [
         f"model.name={model_name}", f"data.manifest={manifest}", f"data.seq_length={seq}",
         f"training.micro_batch_size={micro}", f"training.global_batch_size={TOKENS_PER_STEP // seq}",
         f"training.recompute={'true' if recompute else 'false'}", f"training.steps={steps}", "training.warmup_steps=1",
-        "logging.interval=1", "parallel.data=0"], skip)
+        "logging.interval=1", "parallel.data=0", *overrides], skip)
     return {"tokens_per_s": result["tokens_per_s"], "peak_gib": result["peak_memory_gib"], "loss_last": result["loss_last"]}
 
 
 def run_row(row: str, steps: int, skip: int, manifest: str) -> dict:
-    model, seq, recompute = row.split(":")
-    seq, recompute = int(seq), recompute == "1"
-    run = run_peer(model, seq, recompute, steps, skip) if model in PEERS else run_ours(model, seq, recompute, steps, skip, manifest)
+    model, seq, recompute, *settings = row.split(":", 3)
+    seq, recompute, overrides = int(seq), recompute == "1", settings[0].split(";") if settings else []
+    if model in PEERS and overrides:
+        raise ValueError(f"row {row}: settings apply to our models only")
+    run = run_peer(model, seq, recompute, steps, skip) if model in PEERS else run_ours(model, seq, recompute, steps, skip, manifest, overrides)
     tflops = run["tokens_per_s"] * flops_per_token(model, seq) / 1e12
-    return {"model": model, "seq": seq, "recompute": recompute, "tokens_per_s_per_gpu": round(run["tokens_per_s"], 1),
+    return {"model": model, "seq": seq, "recompute": recompute, **({"overrides": overrides} if overrides else {}),
+            "tokens_per_s_per_gpu": round(run["tokens_per_s"], 1),
             "tflops_per_gpu": round(tflops, 2), "mfu": round(tflops * 1e12 / peak_flops(), 4),
             "peak_gib": round(run["peak_gib"], 2), "loss_last": run["loss_last"]}
 
@@ -123,7 +127,8 @@ def table(rows: list) -> str:
         for peer in PEERS:
             p = ok.get((peer, r["seq"], r["recompute"]))
             ratios.append(f"{r['tokens_per_s_per_gpu'] / p['tokens_per_s_per_gpu']:.2f}x" if p else "")
-        lines.append(f"| {r['model']} | {r['seq']} | {r['recompute']} | {r['tokens_per_s_per_gpu']:,.0f} | "
+        name = " ".join([r["model"], *r.get("overrides", [])])
+        lines.append(f"| {name} | {r['seq']} | {r['recompute']} | {r['tokens_per_s_per_gpu']:,.0f} | "
                      f"{r['tflops_per_gpu']:.1f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
@@ -137,6 +142,9 @@ def main() -> int:
     parser.add_argument("--skip", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one row, in a process of its own
     args = parser.parse_args()
+    # Each row runs in a process of its own: keep Triton's autotuning results on disk, so a kernel (fla's above
+    # all) tunes once per shape for the whole run instead of once per row.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     if args.worker:
         print("ROW " + json.dumps(run_row(args.worker, args.steps, args.skip, args.data_manifest)), flush=True)
         return 0
@@ -151,7 +159,7 @@ def main() -> int:
         if lines:
             rows.append(json.loads(lines[-1][4:]))
         else:
-            model, seq, recompute = row.split(":")
+            model, seq, recompute = row.split(":")[:3]
             reason = "out of memory" if "out of memory" in done.stderr.lower() else f"failed: {done.stderr.strip().splitlines()[-1:]}"
             rows.append({"model": model, "seq": int(seq), "recompute": recompute == "1", "error": reason})
         elapsed = time.time() - started
