@@ -258,6 +258,11 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {k!r} is a value, not a section")
         node[keys[-1]] = value
+    return config_from_dict(values)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A checked TrainConfig from nested sections, e.g. a run's config.json (save_config) read back."""
     return _section_from_dict(TrainConfig, values, "")
 
 

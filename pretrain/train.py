@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from kla_megatron import build_model_chunks, transformer_config
 from kla_megatron.init import initialize_weights
 from kla_megatron.config import ModelConfig
+from kla_megatron.mixer_math import MixerShape
 from pretrain import checkpoint, profiling, zero
 from pretrain.config import ConfigError, TrainConfig, config_toml, describe_keys, load_config, save_config
 from pretrain.cpu import cuda_bookkeeping_on_cpu
@@ -69,7 +70,7 @@ def check_config(config: TrainConfig, world_size: int, gpus: Optional[bool] = No
         # The Triton kernels of the mixer address a micro-batch's [tokens, width] tensors with 32-bit offsets;
         # the widest is this rank's input projection.
         tokens = t.micro_batch_size * d.seq_length // layout.context
-        width = (2 * model.key_head_dim + 2 * model.value_head_dim + 2) * model.num_heads // layout.tensor
+        width = sum(MixerShape(model.num_heads // layout.tensor, model.key_head_dim, model.value_head_dim).projection_split)
         if tokens * width >= 2**31:
             raise ConfigError(
                 f"{tokens} tokens per micro-batch and rank x the mixer's {width}-wide input projection exceed the "

@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError, config_from_dict, load_config
 from pretrain.estimate import (Step, check_fits, estimate, layer_terms, measured_throughput, rank_parameters,
                                usable_bytes, with_recompute)
 from pretrain_testing import ROOT, corpus_overrides, layer_forward, subprocess_env
@@ -279,23 +279,13 @@ def test_estimate_check_runs_fit_their_gpus():
         assert estimate(config, gpus, 32000).peak <= usable_bytes(H200), (path, overrides)
 
 
-def resolved_config(resolved: dict):
-    """The TrainConfig a run's config.json (as bench/pretrain.py records it) describes, for the estimate."""
-    overrides = [f"model.name={resolved['model']['name']}", f"data.seq_length={resolved['data']['seq_length']}"]
-    overrides += [f"model.{k}={json.dumps(v)}" for k, v in resolved["model"]["overrides"].items()]
-    overrides += [f"training.{k}={json.dumps(resolved['training'][k])}"
-                  for k in ("micro_batch_size", "global_batch_size", "precision", "recompute")]
-    overrides += [f"parallel.{k}={json.dumps(v)}" for k, v in resolved["parallel"].items()]
-    return load_config(None, overrides)
-
-
 def h200_peaks():
     """(config, GPUs, vocabulary, pipeline rank, measured peak GiB) of every committed H200 run that recorded its
     peak: bench/estimate_check.py's, and the context-parallel steps (kla-0.4b, one sequence, full recompute)."""
     runs = []
     for name in ("estimate_check_h200.json", "estimate_check_h200x2.json"):
         for r in json.loads((ROOT / "bench" / "results" / name).read_text())["runs"]:
-            runs.append((resolved_config(r["config"]), r["world_size"], r["vocab_size"], r["estimated_rank"],
+            runs.append((config_from_dict(r["config"]), r["world_size"], r["vocab_size"], r["estimated_rank"],
                          r["peak_memory_gib"]))
     context = json.loads((ROOT / "bench" / "results" / "context_parallel.json").read_text())
     measured = [(row["seq"], cp, row[f"cp{cp}_peak_gib"]) for row in context["speed"] for cp in (1, 2)]
