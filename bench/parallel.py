@@ -54,7 +54,8 @@ RESHARDS = {
     "dp1-to-tp2": (None, {"tensor": 2}),
 }
 RESHARD_AT = 10
-SPEED = {"dp1": None, **{name: CASES[name] for name in ("dp2-zero1", "tp2", "tp2-sp", "pp2-1f1b", "cp2")}}
+SPEED = {"dp1": None, **{name: CASES[name] for name in ("dp2-zero1", "tp2", "tp2-sp", "cp2")},
+         "pp2-1f1b": {"pipeline": 2, "pipeline_layers": [6, 5]}}  # kla-0.4b's 11 layers
 
 
 def train(directory: Path, manifest: str, dtype: str, overrides: list) -> dict:
@@ -98,10 +99,11 @@ def launcher(case) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def reshard(work: Path, manifest: str, out: Path):
-    """Each of RESHARDS in bf16: the saving run's losses after RESHARD_AT against the resumed run's."""
+def reshard(work: Path, manifest: str, out: Path, names: list):
+    """Each of RESHARDS named in bf16: the saving run's losses after RESHARD_AT against the resumed run's."""
     rows = []
-    for name, (saved, resumed) in RESHARDS.items():
+    for name in names:
+        saved, resumed = RESHARDS[name]
         common = MODEL + [f'data.manifest="{manifest}"', "training.precision=bf16", f"checkpoint.interval={RESHARD_AT}"]
         full, cont = work / f"reshard-{name}-full", work / f"reshard-{name}-resumed"
         for folder in (full, cont):
@@ -125,24 +127,30 @@ def reshard(work: Path, manifest: str, out: Path):
         print(f"| {r['from']} | {r['to']} | {r['max_rel_loss_diff']:.2e} |")
 
 
-def speed(manifest: str, out: Path):
-    """kla-0.4b tokens/s per GPU at each layout of SPEED (the trainer's median over steps 3-6)."""
-    rows = []
+def speed(manifest: str, out: Path, names: list):
+    """kla-0.4b tokens/s per GPU at each layout of SPEED named (the trainer's median over steps 3-6); the
+    other layouts' rows already in `out` are kept."""
+    earlier = {r["name"]: r for r in json.loads(out.read_text()).get("speed", [])} if out.exists() else {}
+    rows = {}
     for name, case in SPEED.items():
+        if name not in names:
+            if name in earlier:
+                rows[name] = earlier[name]
+            continue
         overrides = [f"data.manifest={manifest}", "data.seq_length=4096", "training.micro_batch_size=4",
                      "training.global_batch_size=16", "training.steps=6", "training.warmup_steps=1",
                      "logging.interval=1", "parallel.data=0", *layout_overrides(case or {})]
         gpus = 1 if case is None else 2
         run = run_trainer("configs/kla_0.4b.toml", overrides, skip=2, nproc=gpus)
-        rows.append({"name": name, **layout_fields(case, gpus), "gpus": gpus,
-                     "tokens_per_s_per_gpu": round(run["tokens_per_s"] / gpus, 1),
-                     "peak_gib": round(run["peak_memory_gib"], 2)})
-        merge_results({"speed": rows}, out)
-    base = rows[0]["tokens_per_s_per_gpu"]
+        rows[name] = {"name": name, **layout_fields(case, gpus), "gpus": gpus,
+                      "tokens_per_s_per_gpu": round(run["tokens_per_s"] / gpus, 1),
+                      "peak_gib": round(run["peak_memory_gib"], 2)}
+        merge_results({"speed": [rows[n] for n in SPEED if n in rows]}, out)
+    base = rows["dp1"]["tokens_per_s_per_gpu"] if "dp1" in rows else None
     print("| layout | GPUs | tokens/s per GPU | vs 1 GPU | peak GiB |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['gpus']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tokens_per_s_per_gpu'] / base:.2f} | "
-              f"{r['peak_gib']} |")
+    for r in (rows[n] for n in SPEED if n in rows):
+        ratio = f"{r['tokens_per_s_per_gpu'] / base:.2f}" if base else "-"
+        print(f"| {r['name']} | {r['gpus']} | {r['tokens_per_s_per_gpu']:,.0f} | {ratio} | {r['peak_gib']} |")
 
 
 def main() -> int:
@@ -153,14 +161,16 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/parallel.json")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--dtypes", default=",".join(BOUNDS))
+    parser.add_argument("--reshards", default=",".join(RESHARDS))
+    parser.add_argument("--layouts", default=",".join(SPEED), help="speed: the layouts to measure")
     args = parser.parse_args()
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
     if args.what == "reshard":
-        reshard(work, args.data_manifest, Path(args.out))
+        reshard(work, args.data_manifest, Path(args.out), args.reshards.split(","))
         return 0
     if args.what == "speed":
-        speed(args.data_manifest, Path(args.out))
+        speed(args.data_manifest, Path(args.out), args.layouts.split(","))
         return 0
     if args.what == "reference":
         for dtype in args.dtypes.split(","):
@@ -187,11 +197,16 @@ def main() -> int:
 
     import torch
 
+    out = Path(args.out)
+    earlier = {(c["name"], c["dtype"]): c for c in json.loads(out.read_text()).get("cases", [])} if out.exists() else {}
     cases = []
     for name, case in CASES.items():
         for dtype, bound in BOUNDS.items():
             ref_file, case_file = work / f"reference-{dtype}.json", work / f"{name}-{dtype}.json"
             row = {"name": name, **layout_fields(case), "parallel": case, "dtype": dtype, "steps": STEPS, "bound": bound}
+            if not case_file.is_file() and (name, dtype) in earlier:  # not run this time: keep the earlier measurement
+                cases.append({**row, **earlier[name, dtype]})
+                continue
             if not (ref_file.is_file() and case_file.is_file()):
                 row["error"] = "not run" if not case_file.is_file() else "no reference"
             else:
@@ -200,7 +215,7 @@ def main() -> int:
                 row["first_loss"], row["last_loss"] = ours["1"], ours[str(STEPS)]
             cases.append(row)
     merge_results({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "date": datetime.date.today().isoformat(), "model": MODEL, "cases": cases}, Path(args.out))
+           "date": datetime.date.today().isoformat(), "model": MODEL, "cases": cases}, out)
     print("| case | dtype | max relative loss difference vs 1 GPU | bound | loss step 1 -> last |\n|---|---|---|---|---|")
     for r in cases:
         diff = f"{r['max_rel_loss_diff']:.2e}" if "max_rel_loss_diff" in r else r["error"]

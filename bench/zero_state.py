@@ -51,6 +51,10 @@ def measure(rank: int, world_size: int, port: int, args, checkpoints: str, out: 
     cuda = torch.cuda.is_available()
     groups = init_distributed(launch_env(), ParallelLayout.build(config.parallel, model_config, world_size, cuda, args.seq))
     torch.manual_seed(0)
+    if cuda:  # megatron's layers draw from its CUDA RNG tracker on GPU
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
     tf_config = transformer_config(model_config, params_dtype=torch.bfloat16, use_cpu_initialization=not cuda)
     model = build_model_chunks(model_config, tf_config, args.vocab, args.seq, groups)
     engine = zero.initialize(model, config, bf16=True, groups=groups)
