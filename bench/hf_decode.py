@@ -1,6 +1,7 @@
 """Decode speed of exported models through plain transformers, beside fla's GDN model, on one GPU, in one run.
 
     python bench/hf_decode.py --out bench/results/hf_decode.json [--rows kla-0.4b:4096:1,...] [--new-tokens 128]
+                              [--profile]   # each row also lists its top ops a decode step (torch.profiler)
 
 Rows are model:prompt:batch (default: every model at prompts of 4K and 32K tokens, batch 1 and 64):
   kla-0.4b, transformer-0.4b  our 0.4B shapes, random weights (kla_megatron.init), exported in bf16 by
@@ -72,7 +73,7 @@ def load(model_name: str, exports: Path):
 
 
 @torch.no_grad()
-def run_row(row: str, new_tokens: int, exports: Path) -> dict:
+def run_row(row: str, new_tokens: int, exports: Path, profile: bool) -> dict:
     model_name, prompt, batch = row.split(":")
     prompt, batch = int(prompt), int(batch)
     model = load(model_name, exports).cuda().eval()
@@ -99,10 +100,25 @@ def run_row(row: str, new_tokens: int, exports: Path) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"model": model_name, "prompt": prompt, "batch": batch, "new_tokens": new_tokens,
-            "decode_tokens_per_s": round(batch * new_tokens / seconds, 1),
-            "ms_per_step": round(1e3 * seconds / new_tokens, 3),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    result = {"model": model_name, "prompt": prompt, "batch": batch, "new_tokens": new_tokens,
+              "decode_tokens_per_s": round(batch * new_tokens / seconds, 1),
+              "ms_per_step": round(1e3 * seconds / new_tokens, 3),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    if profile:
+        result["top_ops"] = profiled_ops(decode)
+    return result
+
+
+def profiled_ops(decode, steps: int = 4, top: int = 10) -> list:
+    """The `top` ops by host time over `steps` decode steps, each per step: calls, host ms, device ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode(steps)
+        torch.cuda.synchronize()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "calls": e.count / steps, "host_ms": round(e.self_cpu_time_total / 1e3 / steps, 3),
+             "device_ms": round(e.self_device_time_total / 1e3 / steps, 3)} for e in ops]
 
 
 def table(rows: list) -> str:
@@ -128,6 +144,7 @@ def main() -> int:
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--exports", default="/tmp/kla_hf_decode_exports", help="where the exports are made (reused)")
+    parser.add_argument("--profile", action="store_true", help="each row also lists its top ops a decode step")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one row, in a process of its own
     args = parser.parse_args()
     # Each row runs in a process of its own: keep Triton's autotuning results on disk, so a kernel (fla's above
@@ -135,7 +152,7 @@ def main() -> int:
     os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     exports = Path(args.exports)
     if args.worker:
-        print("ROW " + json.dumps(run_row(args.worker, args.new_tokens, exports)), flush=True)
+        print("ROW " + json.dumps(run_row(args.worker, args.new_tokens, exports, args.profile)), flush=True)
         return 0
 
     print(f"preparing the exports in {exports}", flush=True)
@@ -149,7 +166,7 @@ def main() -> int:
     todo = args.rows.split(",")
     for i, row in enumerate(todo):
         command = [sys.executable, __file__, "--worker", row, "--new-tokens", str(args.new_tokens),
-                   "--exports", str(exports)]
+                   "--exports", str(exports)] + (["--profile"] if args.profile else [])
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
         if lines:
@@ -162,6 +179,10 @@ def main() -> int:
         print(f"[{i + 1}/{len(todo)}] {row}: {rows[-1].get('decode_tokens_per_s', rows[-1].get('error'))} | "
               f"{elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(todo) - i - 1):.0f} s", flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")  # after every row: a cut run keeps its rows
+    for r in rows:
+        for op in r.get("top_ops", []):
+            print(f"{r['model']}:{r['prompt']}:{r['batch']} | {op['op'][:60]} | {op['calls']:.0f} calls | "
+                  f"host {op['host_ms']:.3f} ms | device {op['device_ms']:.3f} ms a step")
     print(f"\n{result['device']}, bf16, transformers {result['transformers']}\n{table(rows)}\nwrote {args.out}")
     return 0
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -28,6 +29,10 @@ from kla_megatron.mixer_math import MixerShape, MixerState, mix
 from .configuration_kla import KLAConfig
 
 BETA_MODES = {"kla": "kaczmarz", "gdn": "sigmoid"}
+# Attention over a cache whose length grows every call (decoding, chunked prefill). Recent torch puts cuDNN first on
+# Hopper and Blackwell, and cuDNN builds (milliseconds of host time) and caches a graph for every new key length,
+# which a decode step always is; these backends have no per-shape set-up.
+GROWING_KEYS_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def kernel_backend(config: KLAConfig) -> str:
@@ -173,10 +178,12 @@ class Attention(nn.Module):
                 cache.layers[layer_idx] = KeyValues(k.contiguous(), v.contiguous())
             else:
                 k, v = cache.layers[layer_idx].append(k, v)
-        if attention_bias is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 and k.shape[2] == T)
+        if k.shape[2] == T:  # no cache before this call: one shape for the whole prompt
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias,
+                                                 is_causal=attention_bias is None and T > 1)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
+            with sdpa_kernel(GROWING_KEYS_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
