@@ -85,6 +85,7 @@ from typing import Optional
 
 from kernels.kla.sequences import CHUNK
 from kla_megatron.config import RECOMPUTE_MODULES
+from kla_megatron.mixer_math import MixerShape
 from pretrain.config import ConfigError
 from pretrain.layout import ParallelLayout
 
@@ -165,9 +166,10 @@ def layer_terms(model, mixer: str, step: Step) -> dict:
         })
         return terms
     K, V = model.key_head_dim, model.value_head_dim
+    shape = MixerShape(heads, K, V)
     terms.update({
-        "mixer: in_proj output (conv input, gate z)": e * heads * (2 * K + 2 * V + 2),
-        "mixer: q, k, v": e * heads * (2 * K + V),
+        "mixer: in_proj output (conv input, gate z)": e * sum(shape.projection_split),
+        "mixer: q, k, v": e * shape.conv_channels,
         "mixer: gate scalars, per-token factors (fp32)": 32 * heads,
         "mixer: chunk inverse": e * CHUNK * heads,
         "mixer: output norm input and scales": e * heads * V + 4 * heads,
