@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch._inductor.config
 import torch.distributed as dist
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -166,6 +167,10 @@ class StopSignal:
         self.received = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        # Slurm and `timeout` signal every process of the job, torch.compile's compile workers too (megatron's
+        # fused SwiGLU). A worker that dies mid-compilation leaves torch waiting for it forever (pytorch #189290),
+        # so the run could not stop; compiling in this process, the signal only sets the flag.
+        torch._inductor.config.compile_threads = 1
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name

@@ -1,11 +1,13 @@
 """An interrupted run resumes from its last complete checkpoint and then reproduces the
 uninterrupted run's loss curve exactly: after kill -9 at any moment, after the SIGUSR1 that Slurm
-sends before the time limit (which makes the run checkpoint and stop), and at another parallel
+sends before the time limit (which makes the run checkpoint and stop; so does a SIGTERM to all of the job's
+processes during the first step), and at another parallel
 layout, whose checkpoint is resharded (weights, AdamW state and data position). The loss history and
 TensorBoard then hold the whole run, each step once; a finished run resumed again does nothing, and
 one resumed with another model is refused."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -48,21 +50,30 @@ def tensorboard_steps(output_dir, tag="train/loss") -> Counter:
     return Counter(e.step for e in events.Scalars(tag))
 
 
-def interrupt_after_step(output_dir, corpus, step: int, sig: signal.Signals) -> subprocess.Popen:
-    """Runs training and sends `sig` once `step` is logged; returns the finished process."""
+def interrupt(output_dir, corpus, when: str, sig: signal.Signals, whole_group: bool = False) -> subprocess.Popen:
+    """Runs training and sends `sig` once a line starting with `when` is logged, to the trainer or (whole_group,
+    as Slurm and `timeout` do) to every process it started as well; returns the finished process."""
     proc = subprocess.Popen(
         pretrain_command(output_dir, corpus, *STEPS), cwd=ROOT, env=subprocess_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     proc.log = []
-    for line in proc.stdout:
-        proc.log.append(line)
-        if line.startswith(f"step {step:>6}/8"):
-            proc.send_signal(sig)
-            if sig == signal.SIGKILL:
-                break
-    proc.wait(timeout=120)
+    try:
+        for line in proc.stdout:
+            proc.log.append(line)
+            if line.startswith(when):
+                os.killpg(proc.pid, sig) if whole_group else proc.send_signal(sig)
+                if sig == signal.SIGKILL:
+                    break
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:  # hung: leave nothing behind
+            os.killpg(proc.pid, signal.SIGKILL)
     return proc
+
+
+def after_step(step: int) -> str:
+    return f"step {step:>6}/8"
 
 
 def assert_matches(after: dict, reference: dict, steps: list[str], tolerance: float = 1e-6) -> None:
@@ -92,7 +103,7 @@ def torchrun(processes: int) -> list[str]:
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_corpus, reference):
     # Kill -9 right after step 5 is logged: step 3's checkpoint is the newest complete one.
     killed_dir = tmp_path / "killed"
-    proc = interrupt_after_step(killed_dir, tiny_corpus, 5, signal.SIGKILL)
+    proc = interrupt(killed_dir, tiny_corpus, after_step(5), signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, "".join(proc.log)[-3000:]
     ckpt = killed_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_0000003"
@@ -112,7 +123,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_corp
 
 def test_sigusr1_checkpoints_stops_and_resumes_exactly(tmp_path, tiny_corpus, reference):
     out = tmp_path / "signalled"
-    proc = interrupt_after_step(out, tiny_corpus, 4, signal.SIGUSR1)
+    proc = interrupt(out, tiny_corpus, after_step(4), signal.SIGUSR1)
     log = "".join(proc.log)
     assert proc.returncode == 0, log[-3000:]
     # The signal lands during step 4's logging or step 5; the run stops right after that step.
@@ -123,6 +134,18 @@ def test_sigusr1_checkpoints_stops_and_resumes_exactly(tmp_path, tiny_corpus, re
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped}" in resumed.stdout
     assert_matches(history(out), reference, [str(s) for s in range(1, 9)])
+
+
+def test_a_sigterm_to_the_whole_job_during_the_first_step_stops_it_with_a_checkpoint(tmp_path, tiny_corpus):
+    """Slurm and `timeout` signal every process of the job. Sent right after start-up, the signal lands in the
+    first step; on a GPU while it compiles (megatron's fused SwiGLU through torch.compile, our Triton kernels).
+    The run must still finish that step, checkpoint and stop, not hang on a compile worker the signal killed."""
+    out = tmp_path / "terminated"
+    proc = interrupt(out, tiny_corpus, "training tiny", signal.SIGTERM, whole_group=True)
+    log = "".join(proc.log)
+    assert proc.returncode == 0, log[-3000:]
+    assert "stopping at step 1" in log, log[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000001"
 
 
 def test_a_finished_run_resumed_says_so_and_changes_nothing(uninterrupted, tiny_corpus):
