@@ -18,8 +18,6 @@ counts: decode tokens/s = batch * new / time. A row that does not fit in memory 
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.peers import fla_gdn_model  # noqa: E402
+from bench.pretrain import merge_results, row_line, rows_in_own_processes  # noqa: E402
 
 VOCAB = 32000
 PREFILL_CHUNK = 4096
@@ -147,38 +146,28 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="each row also lists its top ops a decode step")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one row, in a process of its own
     args = parser.parse_args()
-    # Each row runs in a process of its own: keep Triton's autotuning results on disk, so a kernel (fla's above
-    # all) tunes once per shape for the whole run instead of once per row.
-    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     exports = Path(args.exports)
     if args.worker:
-        print("ROW " + json.dumps(run_row(args.worker, args.new_tokens, exports, args.profile)), flush=True)
+        print(row_line(run_row(args.worker, args.new_tokens, exports, args.profile)), flush=True)
         return 0
 
     print(f"preparing the exports in {exports}", flush=True)
     prepare_exports(exports)
     import transformers
 
-    rows, started = [], time.time()
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "transformers": transformers.__version__, "vocab": VOCAB, "new_tokens": args.new_tokens, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    todo = args.rows.split(",")
-    for i, row in enumerate(todo):
-        command = [sys.executable, __file__, "--worker", row, "--new-tokens", str(args.new_tokens),
-                   "--exports", str(exports)] + (["--profile"] if args.profile else [])
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
-        if lines:
-            rows.append(json.loads(lines[-1][4:]))
-        else:
-            model, prompt, batch = row.split(":")
-            reason = "out of memory" if "out of memory" in done.stderr.lower() else f"failed: {done.stderr.strip().splitlines()[-1:]}"
-            rows.append({"model": model, "prompt": int(prompt), "batch": int(batch), "error": reason})
-        elapsed = time.time() - started
-        print(f"[{i + 1}/{len(todo)}] {row}: {rows[-1].get('decode_tokens_per_s', rows[-1].get('error'))} | "
-              f"{elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(todo) - i - 1):.0f} s", flush=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")  # after every row: a cut run keeps its rows
+              "transformers": transformers.__version__, "vocab": VOCAB, "new_tokens": args.new_tokens}
+
+    def command(row):
+        return [sys.executable, __file__, "--worker", row, "--new-tokens", str(args.new_tokens),
+                "--exports", str(exports)] + (["--profile"] if args.profile else [])
+
+    def failed(row, reason):
+        model, prompt, batch = row.split(":")
+        return {"model": model, "prompt": int(prompt), "batch": int(batch), "error": reason}
+
+    rows = rows_in_own_processes(args.rows.split(","), command, failed, "decode_tokens_per_s",
+                                 lambda rows: merge_results({**result, "rows": rows}, Path(args.out)))
     for r in rows:
         for op in r.get("top_ops", []):
             print(f"{r['model']}:{r['prompt']}:{r['batch']} | {op['op'][:60]} | {op['calls']:.0f} calls | "

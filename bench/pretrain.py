@@ -11,11 +11,14 @@ table of pretrain/profiling.py). The first steps (compilation, autotuning) are l
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -31,6 +34,34 @@ def merge_results(part: dict, out: Path):
     result.update(part)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def row_line(result: dict) -> str:
+    """How a row's worker process hands its result to `rows_in_own_processes`."""
+    return "ROW " + json.dumps(result)
+
+
+def rows_in_own_processes(todo: list, command: Callable[[str], list], failed: Callable[[str, str], dict],
+                          shown: str, write: Callable[[list], None]) -> list:
+    """Runs each row of `todo` as `command(row)` in a process of its own, so its peak memory is its own. A row's
+    result is the process's last `row_line`, else `failed(row, reason)`. Prints each row's `shown` value with an
+    ETA and calls `write(rows)` after every row, so a run cut short keeps what it measured. Triton's autotuning
+    results stay on disk, so a kernel (fla's above all) tunes once per shape for the whole run, not once per row."""
+    env = {**os.environ, "TRITON_CACHE_AUTOTUNING": os.environ.get("TRITON_CACHE_AUTOTUNING", "1")}
+    rows, started = [], time.time()
+    for i, row in enumerate(todo):
+        done = subprocess.run(command(row), cwd=ROOT, capture_output=True, text=True, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
+        if lines:
+            rows.append(json.loads(lines[-1][4:]))
+        else:
+            memory = "out of memory" in done.stderr.lower()
+            rows.append(failed(row, "out of memory" if memory else f"failed: {done.stderr.strip().splitlines()[-1:]}"))
+        elapsed = time.time() - started
+        print(f"[{i + 1}/{len(todo)}] {row}: {rows[-1].get(shown, rows[-1].get('error'))} | "
+              f"{elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(todo) - i - 1):.0f} s", flush=True)
+        write(rows)
+    return rows
 
 
 def run_trainer(config: str, overrides: list, skip: int, profile_steps=None, env=None, nproc: int = 1) -> dict:

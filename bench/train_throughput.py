@@ -21,10 +21,7 @@ the device (989 TFLOP/s for an H100/H200 SXM). Recompute is not counted as usefu
 
 import argparse
 import datetime
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.peers import fla_gdn_model, hf_llama_model  # noqa: E402
-from bench.pretrain import run_trainer  # noqa: E402
+from bench.pretrain import merge_results, row_line, rows_in_own_processes, run_trainer  # noqa: E402
 
 TOKENS_PER_STEP = 65536
 VOCAB = 32000
@@ -142,33 +139,23 @@ def main() -> int:
     parser.add_argument("--skip", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one row, in a process of its own
     args = parser.parse_args()
-    # Each row runs in a process of its own: keep Triton's autotuning results on disk, so a kernel (fla's above
-    # all) tunes once per shape for the whole run instead of once per row.
-    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     if args.worker:
-        print("ROW " + json.dumps(run_row(args.worker, args.steps, args.skip, args.data_manifest)), flush=True)
+        print(row_line(run_row(args.worker, args.steps, args.skip, args.data_manifest)), flush=True)
         return 0
 
-    rows, started = [], time.time()
-    todo = args.rows.split(",")
-    for i, row in enumerate(todo):
-        command = [sys.executable, __file__, "--worker", row, "--steps", str(args.steps), "--skip", str(args.skip),
-                   "--data-manifest", str(args.data_manifest)]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
-        if lines:
-            rows.append(json.loads(lines[-1][4:]))
-        else:
-            model, seq, recompute = row.split(":")[:3]
-            reason = "out of memory" if "out of memory" in done.stderr.lower() else f"failed: {done.stderr.strip().splitlines()[-1:]}"
-            rows.append({"model": model, "seq": int(seq), "recompute": recompute == "1", "error": reason})
-        elapsed = time.time() - started
-        print(f"[{i + 1}/{len(todo)}] {row}: {rows[-1].get('tokens_per_s_per_gpu', rows[-1].get('error'))} | "
-              f"{elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(todo) - i - 1):.0f} s", flush=True)
-        result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                  "tokens_per_step": TOKENS_PER_STEP, "rows": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")  # after every row: a cut run keeps its rows
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "tokens_per_step": TOKENS_PER_STEP}
+
+    def command(row):
+        return [sys.executable, __file__, "--worker", row, "--steps", str(args.steps), "--skip", str(args.skip),
+                "--data-manifest", str(args.data_manifest)]
+
+    def failed(row, reason):
+        model, seq, recompute = row.split(":")[:3]
+        return {"model": model, "seq": int(seq), "recompute": recompute == "1", "error": reason}
+
+    rows = rows_in_own_processes(args.rows.split(","), command, failed, "tokens_per_s_per_gpu",
+                                 lambda rows: merge_results({**result, "rows": rows}, Path(args.out)))
     print(f"\n{result['device']}, {TOKENS_PER_STEP} tokens a step, bf16\n{table(rows)}\nwrote {args.out}")
     return 0
 
