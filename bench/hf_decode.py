@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.peers import fla_gdn_model  # noqa: E402
-from bench.pretrain import merge_results, row_line, rows_in_own_processes  # noqa: E402
+from bench.pretrain import merge_results, peer_ratios, row_line, rows_in_own_processes  # noqa: E402
 
 VOCAB = 32000
 PREFILL_CHUNK = 4096
@@ -123,15 +123,11 @@ def profiled_ops(decode, steps: int = 4, top: int = 10) -> list:
 def table(rows: list) -> str:
     lines = ["| model | prompt | batch | decode tokens/s | ms / step | peak GiB | vs fla-gdn | vs transformer |",
              "|---|---|---|---|---|---|---|---|"]
-    ok = {(r["model"], r["prompt"], r["batch"]): r for r in rows if "error" not in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['prompt']} | {r['batch']} | {r['error']} | | | | |")
             continue
-        ratios = []
-        for peer in ("fla-gdn-0.4b", "transformer-0.4b"):
-            p = ok.get((peer, r["prompt"], r["batch"]))
-            ratios.append(f"{r['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f}x" if p else "")
+        ratios = peer_ratios(rows, r, ("fla-gdn-0.4b", "transformer-0.4b"), ("prompt", "batch"), "decode_tokens_per_s")
         lines.append(f"| {r['model']} | {r['prompt']} | {r['batch']} | {r['decode_tokens_per_s']:,.0f} | "
                      f"{r['ms_per_step']:.2f} | {r['peak_gib']:.1f} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)

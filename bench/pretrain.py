@@ -64,6 +64,14 @@ def rows_in_own_processes(todo: list, command: Callable[[str], list], failed: Ca
     return rows
 
 
+def peer_ratios(rows: list, row: dict, peers, same: tuple, value: str) -> list:
+    """`row`'s `value` over each peer's, from the rows that ran (no error) with the same `same` fields; "" where
+    a peer has no such row."""
+    ok = {tuple(r[f] for f in (*same, "model")): r for r in rows if "error" not in r}
+    found = (ok.get((*(row[f] for f in same), peer)) for peer in peers)
+    return [f"{row[value] / p[value]:.2f}x" if p else "" for p in found]
+
+
 def run_trainer(config: str, overrides: list, skip: int, profile_steps=None, env=None, nproc: int = 1) -> dict:
     """One `python -m pretrain` run (no checkpoints, no validation) on `nproc` processes (torchrun when more
     than one); its medians, peaks and series."""

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.peers import fla_gdn_model, hf_llama_model  # noqa: E402
-from bench.pretrain import merge_results, row_line, rows_in_own_processes, run_trainer  # noqa: E402
+from bench.pretrain import merge_results, peer_ratios, row_line, rows_in_own_processes, run_trainer  # noqa: E402
 
 TOKENS_PER_STEP = 65536
 VOCAB = 32000
@@ -115,15 +115,11 @@ def run_row(row: str, steps: int, skip: int, manifest: str) -> dict:
 def table(rows: list) -> str:
     lines = ["| model | seq | recompute | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | vs fla-gdn | vs hf-llama |",
              "|---|---|---|---|---|---|---|---|---|"]
-    ok = {(r["model"], r["seq"], r["recompute"]): r for r in rows if "error" not in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['seq']} | {r['recompute']} | {r['error']} | | | | | |")
             continue
-        ratios = []
-        for peer in PEERS:
-            p = ok.get((peer, r["seq"], r["recompute"]))
-            ratios.append(f"{r['tokens_per_s_per_gpu'] / p['tokens_per_s_per_gpu']:.2f}x" if p else "")
+        ratios = peer_ratios(rows, r, PEERS, ("seq", "recompute"), "tokens_per_s_per_gpu")
         name = " ".join([r["model"], *r.get("overrides", [])])
         lines.append(f"| {name} | {r['seq']} | {r['recompute']} | {r['tokens_per_s_per_gpu']:,.0f} | "
                      f"{r['tflops_per_gpu']:.1f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {ratios[0]} | {ratios[1]} |")
