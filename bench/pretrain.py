@@ -47,7 +47,7 @@ def rows_in_own_processes(todo: list, command: Callable[[str], list], failed: Ca
     result is the process's last `row_line`, else `failed(row, reason)`. Prints each row's `shown` value with an
     ETA and calls `write(rows)` after every row, so a run cut short keeps what it measured. Triton's autotuning
     results stay on disk, so a kernel (fla's above all) tunes once per shape for the whole run, not once per row."""
-    env = {**os.environ, "TRITON_CACHE_AUTOTUNING": os.environ.get("TRITON_CACHE_AUTOTUNING", "1")}
+    env = {"TRITON_CACHE_AUTOTUNING": "1", **os.environ}
     rows, started = [], time.time()
     for i, row in enumerate(todo):
         done = subprocess.run(command(row), cwd=ROOT, capture_output=True, text=True, env=env)

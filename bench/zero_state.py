@@ -41,7 +41,7 @@ def measure(rank: int, world_size: int, port: int, args, checkpoints: str, out: 
     from pretrain.cpu import cuda_bookkeeping_on_cpu
     from pretrain.distributed import init_distributed, launch_env
     from pretrain.layout import ParallelLayout
-    from pretrain.train import forward_step
+    from pretrain.train import forward_step, seed_everything
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -50,11 +50,7 @@ def measure(rank: int, world_size: int, port: int, args, checkpoints: str, out: 
     model_config = named_model(args.model)
     cuda = torch.cuda.is_available()
     groups = init_distributed(launch_env(), ParallelLayout.build(config.parallel, model_config, world_size, cuda, args.seq))
-    torch.manual_seed(0)
-    if cuda:  # megatron's layers draw from its CUDA RNG tracker on GPU
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(0)
+    seed_everything(0)
     tf_config = transformer_config(model_config, params_dtype=torch.bfloat16, use_cpu_initialization=not cuda)
     model = build_model_chunks(model_config, tf_config, args.vocab, args.seq, groups)
     engine = zero.initialize(model, config, bf16=True, groups=groups)

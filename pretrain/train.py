@@ -182,6 +182,15 @@ class StopSignal:
         return bool(flag.item())
 
 
+def seed_everything(seed: int) -> None:
+    """torch's generators and, on a GPU, megatron's CUDA RNG tracker, which its layers draw from there."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
 def is_reporting_rank(groups) -> bool:
     """The rank that logs: the last pipeline stage's first tensor-, context- and data-parallel rank."""
     return groups.pp.rank() == groups.pp.size() - 1 and groups.dp_cp.rank() == 0 and groups.tp.rank() == 0
@@ -213,11 +222,7 @@ def run(config: TrainConfig, resume: bool) -> History:
     dp_rank, dp_size = groups.dp.rank(), groups.dp.size()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp_size)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
-    torch.manual_seed(t.seed)
-    if torch.cuda.is_available():
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(t.seed)
+    seed_everything(t.seed)
 
     tokenizer = load_tokenizer(files.tokenizer)
     tf_config = transformer_config(

@@ -62,7 +62,10 @@ def interrupt(output_dir, corpus, when: str, sig: signal.Signals, whole_group: b
         for line in proc.stdout:
             proc.log.append(line)
             if line.startswith(when):
-                os.killpg(proc.pid, sig) if whole_group else proc.send_signal(sig)
+                if whole_group:
+                    os.killpg(proc.pid, sig)
+                else:
+                    proc.send_signal(sig)
                 if sig == signal.SIGKILL:
                     break
         proc.wait(timeout=300)
