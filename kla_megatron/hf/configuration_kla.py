@@ -29,6 +29,7 @@ class KLAConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         max_position_embeddings: int = 4096,
         kernel_backend: str = "auto",
+        decode_cuda_graphs: bool = True,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         bos_token_id: int = 1,
@@ -39,7 +40,8 @@ class KLAConfig(PretrainedConfig):
     ):
         """layer_mixers: each layer's token mixer, "kla" (Kaczmarz step on raw keys), "gdn" (Gated DeltaNet) or
         "attention" (softmax attention with RoPE; num_heads heads of attention_head_dim). kernel_backend: "auto"
-        (Triton kernels on CUDA tensors when Triton is installed, PyTorch otherwise) or "torch"."""
+        (Triton kernels on CUDA tensors when Triton is installed, PyTorch otherwise) or "torch". decode_cuda_graphs:
+        on a GPU, one-token steps of a model without attention layers replay CUDA graphs."""
         unknown = sorted(set(layer_mixers) - set(MIXERS))
         if unknown:
             raise ValueError(f"layer_mixers holds {unknown}; each layer is one of {MIXERS}")
@@ -60,6 +62,7 @@ class KLAConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.kernel_backend = kernel_backend
+        self.decode_cuda_graphs = decode_cuda_graphs
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         kwargs.pop("num_hidden_layers", None)  # derived from layer_mixers (config.json carries both)

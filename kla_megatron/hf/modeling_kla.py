@@ -10,10 +10,13 @@ Triton is installed.
 
 Generation keeps a `KLACache`: per KLA/GDN layer the conv's last inputs and the recurrent state (a fixed size, so a
 new token costs the same at any context length), per attention layer the keys and values so far. Padding (0 in
-`attention_mask`, e.g. left padding of a batch) enters neither a recurrent state nor an attention.
+`attention_mask`, e.g. left padding of a batch) enters neither a recurrent state nor an attention. On a GPU, the
+one-token steps of a model without attention layers replay CUDA graphs (`DecodeGraphs`; config
+`decode_cuda_graphs`).
 """
 
 import importlib.util
+import weakref
 from typing import Optional
 
 import torch
@@ -93,6 +96,71 @@ class KLACache:
                 self.layers[i] = MixerState(layer.conv.index_select(0, rows), layer.recurrent.index_select(0, rows))
             elif isinstance(layer, KeyValues):
                 self.layers[i] = layer.select(beam_idx.to(layer.keys.device))
+
+
+class StepGraph:
+    """One CUDA graph of a one-token step at one batch size, over static buffers: the token ids, the new tokens'
+    padding mask and every layer's conv and recurrent state, which the step updates in place. The cache stepping
+    through the graph holds those buffers as its states; when another cache comes, the one before gets copies of
+    its states back and the newcomer's states are copied in."""
+
+    def __init__(self, model: "KLAForCausalLM", cache: "KLACache"):
+        self.states = [MixerState(s.conv.clone(), s.recurrent.clone()) for s in cache.layers]
+        N, device = cache.layers[0].conv.shape[0], cache.layers[0].conv.device
+        self.ids = torch.zeros(N, 1, dtype=torch.long, device=device)
+        self.mask = torch.ones(N, 1, dtype=torch.long, device=device)
+        self.owner = None
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # the first launches compile the Triton kernels; the warm-up's states are dropped
+            for _ in range(2):
+                self._step(model)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step(model)
+
+    def _step(self, model: "KLAForCausalLM") -> torch.Tensor:
+        cache = KLACache(len(self.states))
+        cache.layers = list(self.states)
+        hidden = model.model(input_ids=self.ids, attention_mask=self.mask, cache=cache).last_hidden_state
+        for buffer, new in zip(self.states, cache.layers):
+            buffer.conv.copy_(new.conv)
+            buffer.recurrent.copy_(new.recurrent)
+        return model.lm_head(hidden)
+
+    def run(self, input_ids: torch.Tensor, token_mask: Optional[torch.Tensor], cache: "KLACache") -> torch.Tensor:
+        owner = self.owner() if self.owner is not None else None
+        if owner is not cache or any(layer is not buffer for layer, buffer in zip(cache.layers, self.states)):
+            if owner is not None and owner is not cache:
+                owner.layers = [MixerState(layer.conv.clone(), layer.recurrent.clone()) if layer is buffer else layer
+                                for layer, buffer in zip(owner.layers, self.states)]
+            for buffer, state in zip(self.states, cache.layers):
+                if state is not buffer:
+                    buffer.conv.copy_(state.conv)
+                    buffer.recurrent.copy_(state.recurrent)
+            cache.layers = list(self.states)
+            self.owner = weakref.ref(cache)
+        self.ids.copy_(input_ids)
+        self.mask.copy_(token_mask) if token_mask is not None else self.mask.fill_(1)
+        self.graph.replay()
+        cache.seen_tokens += 1
+        return self.logits.clone()
+
+
+class DecodeGraphs:
+    """One-token decoding steps of a model whose layers are all KLA / GDN, replayed as CUDA graphs: at small
+    batches a step's ~30 kernel launches a layer take far longer to issue than to run. A `StepGraph` is captured
+    at the first step of each batch size, device and set of weights (moved or cast weights get a new one)."""
+
+    def __init__(self):
+        self.graphs = {}
+
+    def step(self, model: "KLAForCausalLM", input_ids, token_mask, cache: "KLACache") -> torch.Tensor:
+        key = (input_ids.shape[0], input_ids.device, tuple(p.data_ptr() for p in model.parameters()))
+        if key not in self.graphs:
+            self.graphs[key] = StepGraph(model, cache)
+        return self.graphs[key].run(input_ids, token_mask, cache)
 
 
 class RMSNorm(nn.Module):
@@ -300,6 +368,7 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = KLAModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decode_graphs = DecodeGraphs()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -313,6 +382,15 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def _graphed_step(self, input_ids, attention_mask, cache) -> bool:
+        """Whether this call is a one-token step that `decode_graphs` replays: no attention layers, a CUDA model
+        continuing a cache, no gradients, not already inside a capture."""
+        return (self.config.decode_cuda_graphs and "attention" not in self.config.layer_mixers
+                and input_ids is not None and input_ids.is_cuda and input_ids.shape[1] == 1
+                and isinstance(cache, KLACache) and cache.seen_tokens > 0
+                and (attention_mask is None or tuple(attention_mask.shape) == (input_ids.shape[0], cache.seen_tokens + 1))
+                and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing())
 
     def forward(
         self,
@@ -332,6 +410,11 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
         """labels [B, T]: next-token loss (-100 ignored). logits_to_keep: logits of the last N positions only
         (generate asks for 1), 0 for all."""
         cache = past_key_values if past_key_values is not None else cache
+        if self._graphed_step(input_ids, attention_mask, cache) and labels is None and not output_hidden_states:
+            logits = self.decode_graphs.step(self, input_ids, None if attention_mask is None else attention_mask[:, -1:],
+                                             cache)
+            out = CausalLMOutputWithPast(None, logits, cache, None)
+            return out.to_tuple() if return_dict is False else out
         if cache is None and (self.config.use_cache if use_cache is None else use_cache):
             cache = KLACache(len(self.model.layers))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -1,6 +1,7 @@
 """The exported model on a GPU, where the shipped copies of our Triton kernels run (chunk_kla, fused_recurrent_kla,
 causal_conv1d, rms_norm): the megatron model's logits (fp32, on the GPU too), decoding with the cache equal to one
-pass, and generate() equal to the CPU's; fp32 and bf16 exports, at the tiny shape and at the 0.4B model's head shape."""
+pass, and generate() equal to the CPU's; fp32 and bf16 exports, at the tiny shape and at the 0.4B model's head shape;
+one-token steps replayed as CUDA graphs equal to the eager ones."""
 
 import dataclasses
 
@@ -84,3 +85,38 @@ def test_gpu_generate_equals_the_cpu(exported, name):
     on_cpu = cpu.generate(input_ids=prompt, attention_mask=mask, **options)
     on_gpu = _load(folder).generate(input_ids=prompt.cuda(), attention_mask=mask.cuda(), **options)
     assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+def _decode_in_turns(model, graphs: bool):
+    """Two caches of batch 2 taking turns, one of batch 1 between them, then a beam-search reorder: every step's
+    logits and each cache's final states."""
+    model.config.decode_cuda_graphs = graphs
+    model.decode_graphs = type(model.decode_graphs)()  # the shipped module's DecodeGraphs, none captured yet
+    ids = tokens(2, 16, seed=3).cuda()
+    logits = []
+    with torch.no_grad():
+        caches = [model(prompt, use_cache=True).past_key_values for prompt in (ids[:, :8], ids.flip(0)[:, :6], ids[:1, :5])]
+        for t in range(8, 12):
+            for cache, step in zip(caches, (ids[:, t:t + 1], ids.flip(0)[:, t:t + 1], ids[:1, t:t + 1])):
+                logits.append(model(step, past_key_values=cache).logits)
+        caches[0].reorder_cache(torch.tensor([1, 0], device="cuda"))
+        for t in range(12, 16):
+            logits.append(model(ids[:, t:t + 1], past_key_values=caches[0]).logits)
+    states = [torch.cat([s.recurrent.flatten() for s in cache.layers]) for cache in caches]
+    return logits, states
+
+
+@pytest.mark.parametrize("name", ["kla", "gdn"])
+def test_gpu_graphed_decoding_equals_eager(exported, name):
+    """One-token steps replayed as CUDA graphs (DecodeGraphs) give the eager steps' logits and states, with two
+    caches taking turns through one graph (each keeps its own states), a second batch size, and a reorder."""
+    model = _load(exported[name][0]["fp32"])
+    eager_logits, eager_states = _decode_in_turns(model, graphs=False)
+    assert not model.decode_graphs.graphs
+    graphed_logits, graphed_states = _decode_in_turns(model, graphs=True)
+    assert len(model.decode_graphs.graphs) == 2  # batch 2 and batch 1: the steps did replay graphs
+    for step, (graphed, eager) in enumerate(zip(graphed_logits, eager_logits)):
+        err = rel_err(graphed.float(), eager.float())
+        assert err < 1e-6, f"{name}: step {step}, graphed vs eager logits, rel err {err:.2e}"
+    for graphed, eager in zip(graphed_states, eager_states):
+        assert rel_err(graphed, eager) < 1e-6
