@@ -6,7 +6,8 @@
 Rows are model:prompt:batch (default: every model at prompts of 4K and 32K tokens, batch 1 and 64):
   kla-0.4b, transformer-0.4b  our 0.4B shapes, random weights (kla_megatron.init), exported in bf16 by
         kla_megatron.export_hf and loaded with AutoModelForCausalLM.from_pretrained(trust_remote_code=True): KLA keeps
-        per layer the conv inputs and the fp32 state (O(1) a token), the transformer its keys and values (KV cache)
+        per layer the conv inputs and the fp32 state (O(1) a token) and replays its steps as CUDA graphs (its
+        config's decode_cuda_graphs), the transformer its keys and values (KV cache)
   fla-gdn-0.4b  fla's GatedDeltaNetForCausalLM at the same shape (bench/peers.py) with fla's own cache; fla is
         installed for this benchmark only
 Vocabulary 32000 (`python -m data_prep default-corpus --vocab-size 32000`'s tokenizer).
