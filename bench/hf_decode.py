@@ -8,6 +8,7 @@ Rows are model:prompt:batch (default: every model at prompts of 4K and 32K token
         kla_megatron.export_hf and loaded with AutoModelForCausalLM.from_pretrained(trust_remote_code=True): KLA keeps
         per layer the conv inputs and the fp32 state (O(1) a token) and replays its steps as CUDA graphs (its
         config's decode_cuda_graphs), the transformer its keys and values (KV cache)
+  kla-0.4b-eager  the same KLA export with decode_cuda_graphs=False
   fla-gdn-0.4b  fla's GatedDeltaNetForCausalLM at the same shape (bench/peers.py) with fla's own cache; fla is
         installed for this benchmark only
 Vocabulary 32000 (`python -m data_prep default-corpus --vocab-size 32000`'s tokenizer).
@@ -36,7 +37,8 @@ VOCAB = 32000
 PREFILL_CHUNK = 4096
 WARMUP_STEPS = 8
 OURS = ("kla-0.4b", "transformer-0.4b")
-MODELS = OURS + ("fla-gdn-0.4b",)
+EAGER = "kla-0.4b-eager"  # the KLA export with its CUDA graphs off: every step launched op by op
+MODELS = OURS + (EAGER, "fla-gdn-0.4b")
 DEFAULT_ROWS = [f"{m}:{prompt}:{batch}" for prompt in (4096, 32768) for batch in (1, 64) for m in MODELS]
 
 
@@ -63,11 +65,12 @@ def prepare_exports(folder: Path) -> None:
 
 
 def load(model_name: str, exports: Path):
-    if model_name in OURS:
+    if model_name in OURS or model_name == EAGER:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(exports / model_name), trust_remote_code=True,
-                                                    dtype=torch.bfloat16)
+        graphs = {"decode_cuda_graphs": False} if model_name == EAGER else {}
+        folder = exports / model_name.removesuffix("-eager")
+        return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.bfloat16, **graphs)
     torch.manual_seed(0)
     return fla_gdn_model(VOCAB).to(torch.bfloat16)
 
