@@ -142,7 +142,10 @@ class StepGraph:
             cache.layers = list(self.states)
             self.owner = weakref.ref(cache)
         self.ids.copy_(input_ids)
-        self.mask.copy_(token_mask) if token_mask is not None else self.mask.fill_(1)
+        if token_mask is None:
+            self.mask.fill_(1)
+        else:
+            self.mask.copy_(token_mask)
         self.graph.replay()
         cache.seen_tokens += 1
         return self.logits.clone()
