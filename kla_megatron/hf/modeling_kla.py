@@ -386,13 +386,15 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def _graphed_step(self, input_ids, attention_mask, cache) -> bool:
+    def _graphed_step(self, input_ids, attention_mask, cache, labels, output_hidden_states) -> bool:
         """Whether this call is a one-token step that `decode_graphs` replays: no attention layers, a CUDA model
-        continuing a cache, no gradients, not already inside a capture."""
+        continuing a cache, logits only (no loss, no hidden states), no gradients, not already inside a capture."""
+        hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return (self.config.decode_cuda_graphs and "attention" not in self.config.layer_mixers
                 and input_ids is not None and input_ids.is_cuda and input_ids.shape[1] == 1
                 and isinstance(cache, KLACache) and cache.seen_tokens > 0
                 and (attention_mask is None or tuple(attention_mask.shape) == (input_ids.shape[0], cache.seen_tokens + 1))
+                and labels is None and not hidden_states
                 and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing())
 
     def forward(
@@ -413,7 +415,7 @@ class KLAForCausalLM(KLAPreTrainedModel, GenerationMixin):
         """labels [B, T]: next-token loss (-100 ignored). logits_to_keep: logits of the last N positions only
         (generate asks for 1), 0 for all."""
         cache = past_key_values if past_key_values is not None else cache
-        if self._graphed_step(input_ids, attention_mask, cache) and labels is None and not output_hidden_states:
+        if self._graphed_step(input_ids, attention_mask, cache, labels, output_hidden_states):
             logits = self.decode_graphs.step(self, input_ids, None if attention_mask is None else attention_mask[:, -1:],
                                              cache)
             out = CausalLMOutputWithPast(None, logits, cache, None)
