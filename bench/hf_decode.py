@@ -15,7 +15,9 @@ Vocabulary 32000 (`python -m data_prep default-corpus --vocab-size 32000`'s toke
 Each row runs in its own process: the prompt (random tokens) goes through in chunks of 4096 tokens a sequence with the
 cache, then `new` tokens are decoded greedily one step at a time with the cache, the way generate() does without its
 bookkeeping; after 8 untimed steps (a KV cache grows its buffers there) the median of 3 timed runs of `new` steps
-counts: decode tokens/s = batch * new / time. A row that does not fit in memory says so.
+counts: decode tokens/s = batch * new / time. A row that does not fit in memory says so. The rows go into --out beside
+those of earlier runs (a row replaces the committed one of the same model, prompt and batch), each labelled with its
+run (--run); the printed ratios are within this run.
 """
 
 import argparse
@@ -31,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.peers import fla_gdn_model  # noqa: E402
-from bench.pretrain import merge_results, peer_ratios, row_line, rows_in_own_processes  # noqa: E402
+from bench.pretrain import merge_rows, peer_ratios, row_line, rows_in_own_processes, run_label  # noqa: E402
 
 VOCAB = 32000
 PREFILL_CHUNK = 4096
@@ -144,6 +146,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--exports", default="/tmp/kla_hf_decode_exports", help="where the exports are made (reused)")
     parser.add_argument("--profile", action="store_true", help="each row also lists its top ops a decode step")
+    parser.add_argument("--run", help="the label this run's rows carry in --out (default: start time and GPU)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one row, in a process of its own
     args = parser.parse_args()
     exports = Path(args.exports)
@@ -158,6 +161,8 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "transformers": transformers.__version__, "vocab": VOCAB, "new_tokens": args.new_tokens}
 
+    run = run_label(args.run, result["device"])
+
     def command(row):
         return [sys.executable, __file__, "--worker", row, "--new-tokens", str(args.new_tokens),
                 "--exports", str(exports)] + (["--profile"] if args.profile else [])
@@ -167,7 +172,7 @@ def main() -> int:
         return {"model": model, "prompt": int(prompt), "batch": int(batch), "error": reason}
 
     rows = rows_in_own_processes(args.rows.split(","), command, failed, "decode_tokens_per_s",
-                                 lambda rows: merge_results({**result, "rows": rows}, Path(args.out)))
+                                 lambda rows: merge_rows(Path(args.out), result, rows, ("model", "prompt", "batch"), run))
     for r in rows:
         for op in r.get("top_ops", []):
             print(f"{r['model']}:{r['prompt']}:{r['batch']} | {op['op'][:60]} | {op['calls']:.0f} calls | "

@@ -36,6 +36,25 @@ def merge_results(part: dict, out: Path):
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def merge_rows(out: Path, result: dict, rows: list, key: tuple, run: str):
+    """Write this run's `rows` (each labelled `run`) and `result`'s keys into the JSON at `out`, beside the rows of
+    other runs: a row replaces an earlier one with the same `key` fields and settings ("overrides"), the rest stay.
+    A benchmark's committed JSON so gathers what several runs measured, and every row says which run it came from."""
+    old = json.loads(out.read_text()) if out.exists() else {}
+
+    def same(row):
+        return tuple(json.dumps(row.get(field)) for field in (*key, "overrides"))
+
+    new = {same(row) for row in rows}
+    kept = [row for row in old.get("rows", []) if same(row) not in new]
+    merge_results({**result, "rows": kept + [{**row, "run": run} for row in rows]}, out)
+
+
+def run_label(args_run, device: str) -> str:
+    """The label rows of this run carry: --run, or the start time and the device."""
+    return args_run or f"{datetime.datetime.now():%Y-%m-%d %H:%M} {device}"
+
+
 def row_line(result: dict) -> str:
     """How a row's worker process hands its result to `rows_in_own_processes`."""
     return "ROW " + json.dumps(result)

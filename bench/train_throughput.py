@@ -11,6 +11,8 @@ Rows are model:seq:recompute[:key=value;...] (settings of ours only, e.g. model.
         LlamaForCausalLM with SDPA) a plain loop: fp32 weights, bf16 autocast, fused AdamW, random tokens; recompute
         is their gradient checkpointing.
 Each row runs in its own process (so peak memory is its own); the median step time after --skip steps counts.
+The rows go into --out beside those of earlier runs (a row replaces the committed one of the same model, seq,
+recompute and settings), each labelled with its run (--run); the printed ratios to a peer are within this run.
 
 Model FLOPs per token are pretrain.metrics.model_flops_per_token: 2 per weight of every linear layer (output layer
 included), the chunkwise recurrence of a KLA/GDN layer ~2 (2 C K + 2 C V + 3 K V) per head (C = 64), causal softmax
@@ -31,12 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.peers import fla_gdn_model, hf_llama_model  # noqa: E402
-from bench.pretrain import merge_results, peer_ratios, row_line, rows_in_own_processes, run_trainer  # noqa: E402
+from bench.pretrain import merge_rows, peer_ratios, row_line, rows_in_own_processes, run_label, run_trainer  # noqa: E402
 
 TOKENS_PER_STEP = 65536
 VOCAB = 32000
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12}
 OURS = ("kla-0.4b", "gdn-0.4b", "transformer-0.4b", "hybrid-0.4b")
+ROW_KEY = ("model", "seq", "recompute")  # with a row's settings: a new row replaces the committed one of that key
 PEERS = {"fla-gdn-0.4b": (fla_gdn_model, "gdn-0.4b"), "hf-llama-sdpa-0.4b": (hf_llama_model, "transformer-0.4b")}
 DEFAULT_ROWS = (
     [f"{m}:{s}:0" for s in (4096, 16384) for m in OURS + tuple(PEERS)]
@@ -133,6 +136,7 @@ def main() -> int:
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--skip", type=int, default=3)
+    parser.add_argument("--run", help="the label this run's rows carry in --out (default: start time and GPU)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one row, in a process of its own
     args = parser.parse_args()
     if args.worker:
@@ -141,6 +145,7 @@ def main() -> int:
 
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "tokens_per_step": TOKENS_PER_STEP}
+    run = run_label(args.run, result["device"])
 
     def command(row):
         return [sys.executable, __file__, "--worker", row, "--steps", str(args.steps), "--skip", str(args.skip),
@@ -151,8 +156,8 @@ def main() -> int:
         return {"model": model, "seq": int(seq), "recompute": recompute == "1", "error": reason}
 
     rows = rows_in_own_processes(args.rows.split(","), command, failed, "tokens_per_s_per_gpu",
-                                 lambda rows: merge_results({**result, "rows": rows}, Path(args.out)))
-    print(f"\n{result['device']}, {TOKENS_PER_STEP} tokens a step, bf16\n{table(rows)}\nwrote {args.out}")
+                                 lambda rows: merge_rows(Path(args.out), result, rows, ROW_KEY, run))
+    print(f"\n{result['device']}, {TOKENS_PER_STEP} tokens a step, bf16, run {run!r}\n{table(rows)}\nwrote {args.out}")
     return 0
 
 

@@ -68,6 +68,31 @@ class MixerState:
     """[N, H, K, V] fp32: the recurrence state (the transpose of the V x K matrix S_t: keys index rows)."""
 
 
+class ColumnSplit(torch.autograd.Function):
+    """torch.split along the last dimension, whose backward writes the parts' gradients into one tensor laid out
+    like the input: for megatron's projection, a transposed view of a [T, B, W] tensor, that is a [T, B, W]
+    contiguous gradient, which the linear layer's backward takes as it is. (torch.split's backward concatenates
+    into a [B, T, W] tensor, which that backward copies twice to bring to its own layout.)"""
+
+    @staticmethod
+    def forward(ctx, x, widths):
+        ctx.save_for_backward(x)  # for its layout; the parts keep its storage alive anyway
+        ctx.widths = widths
+        ctx.set_materialize_grads(False)
+        return x.split(widths, dim=-1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (x,) = ctx.saved_tensors
+        dx = torch.empty_like(x)  # x's strides, when x is dense
+        for part, grad in zip(dx.split(ctx.widths, dim=-1), grads):
+            if grad is None:
+                part.zero_()
+            else:
+                part.copy_(grad)
+        return dx, None
+
+
 def decay_and_step(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
     """(g, eta) in fp32: the log decay -exp(A_log) softplus(a + dt_bias) <= 0 and the step sigmoid(b)."""
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
@@ -92,7 +117,7 @@ def mix(projected: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
     """
     H, K, V = shape.heads, shape.key_dim, shape.value_dim
     B, T, _ = projected.shape
-    qkv, z, b, a = torch.split(projected, [shape.conv_channels, H * V, H, H], dim=-1)
+    qkv, z, b, a = ColumnSplit.apply(projected, (shape.conv_channels, H * V, H, H))
     if token_mask is not None:
         qkv = qkv * token_mask[..., None].to(qkv.dtype)
     initial_conv = None if state is None else state.conv
@@ -102,10 +127,10 @@ def mix(projected: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
         with _stage("conv halo"):
             qkv, initial_conv = conv_halo(qkv, conv_weight.shape[1], group=context_parallel.group, cu_seqlens=cu_seqlens,
                                           first_document_continues=context_parallel.first_document_continues)
-    with _stage("conv"):
-        qkv, conv_state = causal_conv1d(qkv, conv_weight, initial_state=initial_conv, output_final_state=output_state,
-                                        cu_seqlens=cu_seqlens, backend=backend)
-    q, k, v = torch.split(qkv, shape.projection_split[:3], dim=-1)
+    with _stage("conv"):  # q, k, v each contiguous: the recurrence reads them and returns their gradients as they are
+        (q, k, v), conv_state = causal_conv1d(qkv, conv_weight, initial_state=initial_conv,
+                                              output_final_state=output_state, cu_seqlens=cu_seqlens,
+                                              output_split=shape.projection_split[:3], backend=backend)
     with _stage("gates"):
         g, eta = decay_and_step(a, b, A_log, dt_bias)
     with _stage("recurrence"):

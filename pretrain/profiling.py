@@ -6,7 +6,8 @@ Forward time is attributed by named ranges that module hooks open around the par
 projections, the mixer, attention, MLP, embedding, output layer, loss) and around the optimizer step and the data
 fetch; the mixer labels its own stages (conv, gates, recurrence, norm and gate). A backward op carries the
 sequence number of the forward op it differentiates, so its kernels go to that op's component too. What the GPU
-does not cover of the wall time is host overhead: Python, launches, synchronisations.
+does not cover of the wall time is host overhead: Python, launches, synchronisations. The costliest kernels of
+every component are listed by name.
 """
 
 import json
@@ -31,6 +32,8 @@ MODULE_COMPONENTS = {
     "mlp": "MLP",
     "output_layer": "output layer",
 }
+TOP_KERNELS = 6  # the costliest GPU kernels listed per component
+KERNEL_NAME_CHARS = 120
 LOSS = "loss"
 OPTIMIZER = "optimizer step (ZeRO, Adam)"
 DATA = "data loading"
@@ -137,9 +140,9 @@ def _kernel_component(name: str):
     return None
 
 
-def summarize(events, steps: int) -> dict:
+def summarize(events, steps: int, device: str = None) -> dict:
     """Milliseconds per step: GPU kernel time per component (CPU time of the ops on a CPU-only run), GPU busy
-    time, and the wall time of the steps."""
+    time, and the wall time of the steps. device: the name to record (default: the GPU's, or "cpu")."""
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     by_sequence = {}
     # Forward ops -> their component, by sequence number. Ops that record no autograd node (a copy of the data,
@@ -150,11 +153,14 @@ def summarize(events, steps: int) -> dict:
             if component is not None:
                 by_sequence[e.sequence_nr] = component
     per_component = defaultdict(float)
+    per_kernel = defaultdict(lambda: defaultdict(float))  # component -> kernel name -> time
     on_gpu = any(e.device_type == DeviceType.CUDA for e in events)
     for e in cpu:
         if on_gpu:
             for kernel in e.kernels:
-                per_component[_kernel_component(kernel.name) or _component_of(e, by_sequence) or "other"] += kernel.duration
+                component = _kernel_component(kernel.name) or _component_of(e, by_sequence) or "other"
+                per_component[component] += kernel.duration
+                per_kernel[component][kernel.name[:KERNEL_NAME_CHARS]] += kernel.duration
         elif e.self_cpu_time_total > 0:  # a CPU-only run: where the processor's time goes, by the same rules
             per_component[_component_of(e, by_sequence) or "other"] += e.self_cpu_time_total
     kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
@@ -165,20 +171,28 @@ def summarize(events, steps: int) -> dict:
             end = stop
     wall = (max(e.time_range.end for e in cpu) - min(e.time_range.start for e in cpu)) if cpu else 0.0
     components = {name: round(us / 1e3 / steps, 3) for name, us in sorted(per_component.items(), key=lambda kv: -kv[1])}
+    top_kernels = {name: {kernel: round(us / 1e3 / steps, 3)
+                          for kernel, us in sorted(per_kernel[name].items(), key=lambda kv: -kv[1])[:TOP_KERNELS]}
+                   for name in components if per_kernel[name]}
     return {
-        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "device": device or (torch.cuda.get_device_name() if on_gpu else "cpu"),
         "steps": steps,
         "wall_ms_per_step": round(wall / 1e3 / steps, 3),
         "gpu_busy_ms_per_step": round(busy / 1e3 / steps, 3),
         "host_overhead_ms_per_step": round((wall - busy) / 1e3 / steps, 3),
         "components_ms_per_step": components,
+        "top_kernels_ms_per_step": top_kernels,
     }
 
 
 def format_table(summary: dict) -> str:
+    """The components, each followed by its costliest kernels (GPU runs)."""
     unit = "CPU" if summary["device"] == "cpu" else "GPU"
     rows = [f"| component | {unit} ms per step |", "|---|---|"]
-    rows += [f"| {name} | {ms:.2f} |" for name, ms in summary["components_ms_per_step"].items()]
+    for name, ms in summary["components_ms_per_step"].items():
+        rows.append(f"| {name} | {ms:.2f} |")
+        rows += [f"| &nbsp;&nbsp;`{kernel}` | {k_ms:.2f} |"
+                 for kernel, k_ms in summary.get("top_kernels_ms_per_step", {}).get(name, {}).items()]
     rows += [
         f"| **GPU busy (union of kernels)** | {summary['gpu_busy_ms_per_step']:.2f} |",
         f"| **host overhead and syncs (wall - busy)** | {summary['host_overhead_ms_per_step']:.2f} |",

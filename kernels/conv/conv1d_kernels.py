@@ -15,7 +15,8 @@ so a walk may cross document starts and nothing is read on the host). The window
 (W loads) near a sequence start, and in the backward the gradient window is cleared at a sequence end.
 A backward program also walks the W - 1 tokens after its own (their dz reaches its dx) and writes its
 part of dw; the sums over programs are one small reduction. The initial state's gradient comes from a
-kernel per sequence over its first W - 1 outputs.
+kernel per sequence over its first W - 1 outputs. The output (and its gradient) may be held as up to three
+contiguous tensors of consecutive channel groups (the mixer's q, k, v); a channel block lies in one of them.
 """
 
 import triton
@@ -48,6 +49,25 @@ def sequence_span(cu_seqlens, n, T, VARLEN: tl.constexpr):
         bos = n * 0
         end = n * 0 + T
     return b, bos, end
+
+
+@triton.jit
+def part_block(i_c, p0, p1, p2, S0, S1, C, BC: tl.constexpr):
+    """Channel block i_c of an output (or output gradient) held as up to three parts, the consecutive channel
+    groups of widths S0, S1 and C - S0 - S1, each its own contiguous [B, T, width] tensor p0, p1, p2; a block
+    never straddles two parts. Returns (the block's channels o_c of x and the weight, their mask, the part,
+    its width, the block's columns o_p in it)."""
+    n0 = tl.cdiv(S0, BC)
+    n1 = tl.cdiv(S1, BC)
+    zero = i_c * 0  # the same scalar type in every branch
+    if i_c < n0:
+        part, start, width, block = p0, zero, zero + S0, i_c
+    elif i_c < n0 + n1:
+        part, start, width, block = p1, zero + S0, zero + S1, i_c - n0
+    else:
+        part, start, width, block = p2, zero + S0 + S1, zero + C - S0 - S1, i_c - n0 - n1
+    o_p = block * BC + tl.arange(0, BC)
+    return start + o_p, o_p < width, part, width, o_p
 
 
 @triton.jit
@@ -99,14 +119,14 @@ def silu_grad(z, dy):
 
 
 @triton.jit
-def causal_conv1d_fwd_kernel(x, weight, h0, y, seq_idx, cu_seqlens, T, C, stride_b, stride_t, W: tl.constexpr,
-                             L: tl.constexpr, BC: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr,
-                             ACTIVATION: tl.constexpr, HAS_STATE: tl.constexpr, VARLEN: tl.constexpr):
+def causal_conv1d_fwd_kernel(x, weight, h0, y0, y1, y2, S0, S1, seq_idx, cu_seqlens, T, C, stride_b, stride_t,
+                             W: tl.constexpr, L: tl.constexpr, BC: tl.constexpr, AHEAD: tl.constexpr,
+                             UNROLL: tl.constexpr, ACTIVATION: tl.constexpr, HAS_STATE: tl.constexpr,
+                             VARLEN: tl.constexpr):
     i_t, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
+    o_c, m_c, y, width, o_p = part_block(i_c, y0, y1, y2, S0, S1, C, BC)
     x_row = x + b.to(tl.int64) * stride_b
-    p_y = y + b.to(tl.int64) * T * C + o_c
+    p_y = y + b.to(tl.int64) * T * width + o_p
     w = conv_weights(weight, o_c, m_c, W)
     first = i_t * L
     last = tl.minimum(first + L, T)
@@ -127,7 +147,7 @@ def causal_conv1d_fwd_kernel(x, weight, h0, y, seq_idx, cu_seqlens, T, C, stride
             z += w[j] * window[j]
         if ACTIVATION == "silu":
             z = z * tl.sigmoid(z)
-        tl.store(p_y + tl.cast(t, tl.int64) * C, z.to(y.dtype.element_ty), mask=m_c)
+        tl.store(p_y + tl.cast(t, tl.int64) * width, z.to(y.dtype.element_ty), mask=m_c)
         window = window[1:] + (x_t,)
 
 
@@ -147,16 +167,15 @@ def causal_conv1d_final_state_kernel(x, h0, ht, cu_seqlens, T, C, stride_b, stri
 
 
 @triton.jit
-def causal_conv1d_bwd_kernel(x, weight, h0, dy, dht, dx, dw_partial, seq_idx, cu_seqlens, T, C, stride_b, stride_t,
-                             dy_stride_b, dy_stride_t, W: tl.constexpr, L: tl.constexpr, BC: tl.constexpr,
+def causal_conv1d_bwd_kernel(x, weight, h0, dy0, dy1, dy2, S0, S1, dht, dx, dw_partial, seq_idx, cu_seqlens, T, C,
+                             stride_b, stride_t, W: tl.constexpr, L: tl.constexpr, BC: tl.constexpr,
                              AHEAD: tl.constexpr, UNROLL: tl.constexpr, ACTIVATION: tl.constexpr,
                              HAS_STATE: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, VARLEN: tl.constexpr):
     """dx of tokens [first, first + L), and this program's part of dw, dw_partial[program, j, c]."""
     i_t, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
+    o_c, m_c, dy, width, o_p = part_block(i_c, dy0, dy1, dy2, S0, S1, C, BC)
     x_row = x + b.to(tl.int64) * stride_b
-    dy_row = dy + b.to(tl.int64) * dy_stride_b
+    dy_row = dy + b.to(tl.int64) * T * width
     p_dx = dx + b.to(tl.int64) * T * C + o_c
     w = conv_weights(weight, o_c, m_c, W)
     first = i_t * L
@@ -165,7 +184,7 @@ def causal_conv1d_bwd_kernel(x, weight, h0, dy, dht, dx, dw_partial, seq_idx, cu
     n, bos, end = sequence_of(seq_idx, cu_seqlens, b, top, T, VARLEN)
     lowest = tl.maximum(first - (W - 1), 0)  # the lowest input the walk reads
     edges = rows_ahead(x_row, top - (W - 1), stride_t, -1, lowest, top + 1, o_c, m_c, AHEAD)
-    grads = rows_ahead(dy_row, top, dy_stride_t, -1, first, top + 1, o_c, m_c, AHEAD)
+    grads = rows_ahead(dy_row, top, width, -1, first, top + 1, o_p, m_c, AHEAD)
     window = inputs_up_to(x_row, h0, top, top - bos, n, o_c, m_c, stride_t, C, W, W, HAS_STATE)
     later = ()  # dz[t + 1], .., dz[t + W - 1]
     dw = ()
@@ -188,7 +207,7 @@ def causal_conv1d_bwd_kernel(x, weight, h0, dy, dht, dx, dw_partial, seq_idx, cu
         else:
             window = (edge,) + window[:W - 1]
         g = grads[0].to(tl.float32)
-        grads = grads[1:] + rows_ahead(dy_row, t - AHEAD, dy_stride_t, -1, first, top + 1, o_c, m_c, 1)
+        grads = grads[1:] + rows_ahead(dy_row, t - AHEAD, width, -1, first, top + 1, o_p, m_c, 1)
         z = w[0] * window[0]
         for j in tl.static_range(1, W):
             z += w[j] * window[j]
@@ -213,14 +232,13 @@ def causal_conv1d_bwd_kernel(x, weight, h0, dy, dht, dx, dw_partial, seq_idx, cu
 
 
 @triton.jit
-def causal_conv1d_bwd_state_kernel(x, weight, h0, dy, dht, dh0, cu_seqlens, T, C, stride_b, stride_t, dy_stride_b,
-                                   dy_stride_t, W: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr,
+def causal_conv1d_bwd_state_kernel(x, weight, h0, dy0, dy1, dy2, S0, S1, dht, dh0, cu_seqlens, T, C, stride_b,
+                                   stride_t, W: tl.constexpr, BC: tl.constexpr, ACTIVATION: tl.constexpr,
                                    HAS_FINAL_GRAD: tl.constexpr, VARLEN: tl.constexpr):
     """dh0[n] from sequence n's first W - 1 outputs (dz recomputed): initial-state slot s (the input at offset
     s - W + 1) is tap s - r of the output at offset r, for r <= s."""
     n, i_c = tl.program_id(0), tl.program_id(1)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
+    o_c, m_c, dy, width, o_p = part_block(i_c, dy0, dy1, dy2, S0, S1, C, BC)
     b, bos, end = sequence_span(cu_seqlens, n, T, VARLEN)
     x_row = x + b.to(tl.int64) * stride_b
     w = conv_weights(weight, o_c, m_c, W)
@@ -234,7 +252,7 @@ def causal_conv1d_bwd_state_kernel(x, weight, h0, dy, dht, dh0, cu_seqlens, T, C
             z = w[0] * window[0]
             for j in tl.static_range(1, W):
                 z += w[j] * window[j]
-            p_dy = dy + b.to(tl.int64) * dy_stride_b + tl.cast(t, tl.int64) * dy_stride_t + o_c
+            p_dy = dy + (b.to(tl.int64) * T + t) * width + o_p
             g = tl.load(p_dy, mask=m_c, other=0.).to(tl.float32)
             dz = silu_grad(z, g) if ACTIVATION == "silu" else g
             for s in tl.static_range(r, W - 1):

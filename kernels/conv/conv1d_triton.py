@@ -1,6 +1,6 @@
 """causal_conv1d on the Triton kernels (conv1d_kernels.py): the autograd Function and the launches.
 
-Forward:  fwd (y) [-> final_state].
+Forward:  fwd (y, or its parts) [-> final_state].
 Backward: bwd (dx, a part of dw per program) [-> bwd_state (dh0)] -> sum of the parts of dw.
 """
 
@@ -36,13 +36,26 @@ def documents(x, cu_seqlens):
     return torch.searchsorted(cu_seqlens[1:], tokens, right=True, out_int32=True), cu_seqlens
 
 
-def grid(options, T, C, B):
-    return triton.cdiv(T, options["L"]), triton.cdiv(C, options["BC"]), B
+def part_widths(C, split):
+    """(S0, S1): the widths of the first two parts, as the kernels take them (one part of all C channels when
+    split is None; missing parts are 0 wide)."""
+    widths = ([C] if split is None else list(split)) + [0, 0]
+    return widths[0], widths[1]
+
+
+def channel_blocks(split, C, BC):
+    """Programs along the channels: each part's channels in blocks of BC (a block never straddles two parts)."""
+    return sum(triton.cdiv(width, BC) for width in ([C] if split is None else split))
+
+
+def parts_of(tensors):
+    """The three part pointers the kernels take (a missing part repeats the first; it is never read)."""
+    return tuple(tensors) + (tensors[0],) * (3 - len(tensors))
 
 
 class CausalConv1dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, activation):
+    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, activation, split):
         B, T, C = x.shape
         W = weight.shape[1]
         weight = weight.contiguous()
@@ -51,10 +64,12 @@ class CausalConv1dFunction(torch.autograd.Function):
         seq_idx, cu = documents(x, cu_seqlens)
         N = B if cu is None else cu.numel() - 1
         flags = dict(W=W, HAS_STATE=initial_state is not None, VARLEN=cu is not None)
-        y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+        S0, S1 = part_widths(C, split)
+        ys = [torch.empty(B, T, width, dtype=x.dtype, device=x.device) for width in ([C] if split is None else split)]
         options = launch_options("fwd", W)
-        causal_conv1d_fwd_kernel[grid(options, T, C, B)](x, weight, initial_state, y, seq_idx, cu, T, C, x.stride(0),
-                                                         x.stride(1), ACTIVATION=activation, **flags, **options)
+        programs = (triton.cdiv(T, options["L"]), channel_blocks(split, C, options["BC"]), B)
+        causal_conv1d_fwd_kernel[programs](x, weight, initial_state, *parts_of(ys), S0, S1, seq_idx, cu, T, C,
+                                           x.stride(0), x.stride(1), ACTIVATION=activation, **flags, **options)
         final_state = None
         if output_final_state:
             final_state = torch.empty(N, C, W - 1, dtype=x.dtype if initial_state is None else initial_state.dtype,
@@ -62,40 +77,45 @@ class CausalConv1dFunction(torch.autograd.Function):
             causal_conv1d_final_state_kernel[(N, triton.cdiv(C, SEQUENCE_BC))](
                 x, initial_state, final_state, cu, T, C, x.stride(0), x.stride(1), BC=SEQUENCE_BC, **flags)
         ctx.save_for_backward(x, weight, initial_state, seq_idx, cu)
-        ctx.activation = activation
+        ctx.activation, ctx.split = activation, split
         ctx.set_materialize_grads(False)
-        return y, final_state
+        return (*ys, final_state)
 
     @staticmethod
-    def backward(ctx, dy, dht):
+    def backward(ctx, *grads):
         x, weight, initial_state, seq_idx, cu = ctx.saved_tensors
+        *dys, dht = grads
         B, T, C = x.shape
         W = weight.shape[1]
         N = B if cu is None else cu.numel() - 1
-        dy = torch.zeros(B, T, C, dtype=x.dtype, device=x.device) if dy is None else dy
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
+        split = ctx.split
+        widths = [C] if split is None else split
+        dys = [torch.zeros(B, T, width, dtype=x.dtype, device=x.device) if dy is None else dy.contiguous()
+               for dy, width in zip(dys, widths)]
         if dht is not None:
             dht = dht.contiguous()
+        S0, S1 = part_widths(C, split)
         flags = dict(W=W, ACTIVATION=ctx.activation, HAS_FINAL_GRAD=dht is not None, VARLEN=cu is not None)
         dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
         options = launch_options("bwd", W)
-        programs = grid(options, T, C, B)
+        programs = (triton.cdiv(T, options["L"]), channel_blocks(split, C, options["BC"]), B)
         dw_partial = torch.empty(B * programs[0], W, C, dtype=torch.float32, device=x.device)
-        causal_conv1d_bwd_kernel[programs](x, weight, initial_state, dy, dht, dx, dw_partial, seq_idx, cu, T, C,
-                                           x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        causal_conv1d_bwd_kernel[programs](x, weight, initial_state, *parts_of(dys), S0, S1, dht, dx, dw_partial,
+                                           seq_idx, cu, T, C, x.stride(0), x.stride(1),
                                            HAS_STATE=initial_state is not None, **flags, **options)
         dh0 = None
         if initial_state is not None:
             dh0 = torch.empty_like(initial_state)
-            causal_conv1d_bwd_state_kernel[(N, triton.cdiv(C, SEQUENCE_BC))](
-                x, weight, initial_state, dy, dht, dh0, cu, T, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            causal_conv1d_bwd_state_kernel[(N, channel_blocks(split, C, SEQUENCE_BC))](
+                x, weight, initial_state, *parts_of(dys), S0, S1, dht, dh0, cu, T, C, x.stride(0), x.stride(1),
                 BC=SEQUENCE_BC, **flags)
         dw = dw_partial.sum(0).t().to(weight.dtype).contiguous()
-        return dx, dw, dh0, None, None, None
+        return dx, dw, dh0, None, None, None, None
 
 
-def causal_conv1d_triton(x, weight, initial_state, output_final_state, cu_seqlens, activation):
+def causal_conv1d_triton(x, weight, initial_state, output_final_state, cu_seqlens, activation, output_split):
     if x.stride(-1) != 1:  # the kernels read rows of unit-stride channels; any other strides in place
         x = x.contiguous()
-    return CausalConv1dFunction.apply(x, weight, initial_state, output_final_state, cu_seqlens, activation)
+    *ys, final_state = CausalConv1dFunction.apply(x, weight, initial_state, output_final_state, cu_seqlens, activation,
+                                                  output_split)
+    return (ys[0] if output_split is None else tuple(ys)), final_state

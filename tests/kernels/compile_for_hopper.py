@@ -88,16 +88,18 @@ def main():
         span.initial_state_grads(torch.randn_like(v), (0, B))
         span.input_grads(h0)
     # causal_conv1d at the paper's width (W = 4) and the largest (8), bf16 and fp32, with and without packed
-    # documents, states in and out.
-    for dtype, W, packed in ((torch.bfloat16, 4, False), (torch.bfloat16, 4, True), (torch.float32, 8, True)):
-        print(f"causal_conv1d {dtype} W {W} packed {packed}")
+    # documents, states in and out, its output whole or as the mixer's q, k, v.
+    for dtype, W, packed, split in ((torch.bfloat16, 4, False, [1152, 1152, 2304]),
+                                    (torch.bfloat16, 4, True, [1152, 1152, 2304]), (torch.float32, 8, True, None)):
+        print(f"causal_conv1d {dtype} W {W} packed {packed} split {split}")
         x = torch.randn(1 if packed else 4, 300, 4608, dtype=dtype)
         cu_seqlens = torch.tensor([0, 100, 300]) if packed else None
         h0 = torch.randn(2 if packed else 4, 4608, W - 1, dtype=dtype)
         ctx = type("Context", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t),
                                    "set_materialize_grads": lambda self, value: None})()
-        conv1d_triton.CausalConv1dFunction.forward(ctx, x, torch.randn(4608, W), h0, True, cu_seqlens, "silu")
-        conv1d_triton.CausalConv1dFunction.backward(ctx, torch.randn_like(x), torch.randn_like(h0))
+        *ys, _ = conv1d_triton.CausalConv1dFunction.forward(ctx, x, torch.randn(4608, W), h0, True, cu_seqlens, "silu",
+                                                            split)
+        conv1d_triton.CausalConv1dFunction.backward(ctx, *map(torch.randn_like, ys), torch.randn_like(h0))
     print("all kernels compiled for sm_90")
 
 

@@ -29,23 +29,28 @@ def conv_parameters(C, W, N, *, dtype=torch.float32, state_dtype=None, device="c
 
 
 def check_against_reference(backend, B, T, C, W, *, dtype=torch.float32, tol=FP32_TOL, cu_seqlens=None,
-                            with_state=True, activation="silu", device="cpu", seed=0):
+                            with_state=True, activation="silu", output_split=None, device="cpu", seed=0):
     """y, final_state and the gradients of the projection (through the strided view), weight and initial_state
-    against the float64 reference. Returns the relative errors."""
+    against the float64 reference. With output_split, y comes as its parts (contiguous on the Triton backend),
+    each differentiated on its own. Returns the relative errors."""
     offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     proj, x = projection_view(B, T, C, dtype=dtype, device=device, seed=seed)
     weight, h0 = conv_parameters(C, W, N, dtype=torch.float32, state_dtype=dtype, device=device, seed=seed + 1,
                                  with_state=with_state)
     options = dict(initial_state=h0, output_final_state=True, cu_seqlens=offsets, activation=activation)
-    y, final = causal_conv1d(x, weight, backend=backend, **options)
+    y, final = causal_conv1d(x, weight, backend=backend, output_split=output_split, **options)
     y_ref, final_ref = naive_causal_conv1d(x, weight, **options)
-    assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
+    parts = [y] if output_split is None else list(y)
+    parts_ref = y_ref.split(output_split or [C], dim=-1)
+    assert [p.shape for p in parts] == [p.shape for p in parts_ref] and all(p.dtype == x.dtype for p in parts)
+    if backend == "triton" or output_split is None:  # the torch backend's parts are views of one output
+        assert all(p.is_contiguous() for p in parts)
     assert final.shape == (N, C, W - 1) and final.dtype == (x.dtype if h0 is None else h0.dtype)
-    errors = {"y": rel_err(y, y_ref), "final_state": rel_err(final, final_ref)}
+    errors = {"y": rel_err(torch.cat(parts, -1), y_ref), "final_state": rel_err(final, final_ref)}
     inputs = [proj, weight] + ([h0] if with_state else [])
-    for name, leaf, d, d_ref in zip(["dx", "dweight", "dh0"], inputs, grads([y, final], inputs),
-                                    grads([y_ref, final_ref], inputs)):
+    for name, leaf, d, d_ref in zip(["dx", "dweight", "dh0"], inputs, grads([*parts, final], inputs),
+                                    grads([*parts_ref, final_ref], inputs)):
         assert d.dtype == leaf.dtype and d.shape == leaf.shape
         errors[name] = rel_err(d, d_ref)
     bad = {name: err for name, err in errors.items() if not err < tol}

@@ -40,6 +40,19 @@ def test_several_programs(W, small_blocks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("split", [[24], [8, 8, 8], [5, 19], [3, 17, 20]])
+def test_output_in_parts(backend, split, small_blocks):
+    """y as separate contiguous channel groups (the mixer's q, k, v): parts narrower than a channel block, and
+    ones that end inside a block, each with its own blocks; states in and out, gradients through every part."""
+    check_against_reference(backend, 2, 21, sum(split), 4, output_split=split)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_in_parts_of_packed_documents(backend, small_blocks):
+    check_against_reference(backend, 1, 40, 20, 4, cu_seqlens=[0, 1, 3, 3, 12, 13, 30, 40], output_split=[6, 6, 8])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_without_activation(backend):
     check_against_reference(backend, 2, 13, 24, 4, activation=None)
 
@@ -126,6 +139,9 @@ def test_backends_agree_on_a_bf16_weight():
     (dict(cu_seqlens=torch.tensor([0, 2, 5])), "B == 1"),
     (dict(initial_state=torch.randn(2, 8, 4)), "initial_state"),
     (dict(initial_state=torch.randn(2, 8, 3, dtype=torch.float64)), "initial_state"),
+    (dict(output_split=[4, 3]), "output_split"),
+    (dict(output_split=[2, 2, 2, 2]), "output_split"),
+    (dict(output_split=[8, 0]), "output_split"),
 ])
 def test_bad_arguments_are_refused(change, message):
     arguments = {"x": torch.randn(2, 5, 8), "weight": torch.randn(8, 4), **change}

@@ -27,6 +27,15 @@ def test_training_shape(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("split", [[1152, 1152, 2304], [576, 576, 1152]], ids=["tp1", "tp2"])
+def test_output_as_the_mixers_q_k_v(dtype, tol, split):
+    """y as kla-0.4b's q, k, v (and those of one rank at tensor parallelism 2), each its own contiguous tensor."""
+    errors = check_against_reference("triton", 4, 4096, sum(split), 4, dtype=dtype, tol=tol, output_split=split,
+                                     device="cuda")
+    report(f"parts {split} {dtype}", errors)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
 @pytest.mark.parametrize("with_state", [True, False])
 def test_packed_documents(dtype, tol, with_state):
     cu_seqlens = [0, 1, 3, 3, 700, 701, 2050, 4096]  # documents shorter than W, an empty one

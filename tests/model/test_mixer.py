@@ -141,6 +141,22 @@ def test_mixer_gradients(mixer):
         assert err < TOL, f"{mixer}: grad of {name} rel err {err:.2e}"
 
 
+def test_projection_gradient_arrives_in_megatrons_layout():
+    """The gradient that reaches in_proj's backward is [s, b, width] contiguous, which megatron's linear layer
+    takes without copying (torch.split's backward would give a transposed view of a [b, s, width] tensor). Its
+    values are test_mixer_gradients' business."""
+    module, model, _ = make_mixer("kla", seed=3)
+    seen = []
+
+    def watch(_module, _args, output):
+        output[0].register_hook(seen.append)
+
+    module.in_proj.register_forward_hook(watch)
+    out, _ = module(inputs(SEQ, 3, model.hidden_size, seed=4))
+    out.sum().backward()
+    assert seen[0].shape == (SEQ, 3, sum(module.in_proj_split)) and seen[0].is_contiguous()
+
+
 def test_bf16_mixer():
     """Training precision: bf16 parameters and activations, fp32 inside (gates, state, norm)."""
     model = named_model("tiny")
