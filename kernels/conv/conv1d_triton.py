@@ -36,26 +36,22 @@ def documents(x, cu_seqlens):
     return torch.searchsorted(cu_seqlens[1:], tokens, right=True, out_int32=True), cu_seqlens
 
 
-def part_widths(C, split):
-    """(S0, S1): the widths of the first two parts, as the kernels take them (one part of all C channels when
-    split is None; missing parts are 0 wide)."""
-    widths = ([C] if split is None else list(split)) + [0, 0]
-    return widths[0], widths[1]
+def part_arguments(tensors, widths):
+    """What the kernels take of an output held as parts: three part pointers (a missing part repeats the first; it
+    is never read) and the widths S0, S1 of the first two (0 for a missing part)."""
+    pointers = list(tensors) + [tensors[0]] * (3 - len(tensors))
+    S0, S1 = (list(widths) + [0, 0])[:2]
+    return (*pointers, S0, S1)
 
 
-def channel_blocks(split, C, BC):
+def channel_blocks(widths, BC):
     """Programs along the channels: each part's channels in blocks of BC (a block never straddles two parts)."""
-    return sum(triton.cdiv(width, BC) for width in ([C] if split is None else split))
-
-
-def parts_of(tensors):
-    """The three part pointers the kernels take (a missing part repeats the first; it is never read)."""
-    return tuple(tensors) + (tensors[0],) * (3 - len(tensors))
+    return sum(triton.cdiv(width, BC) for width in widths)
 
 
 class CausalConv1dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, activation, split):
+    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, activation, widths):
         B, T, C = x.shape
         W = weight.shape[1]
         weight = weight.contiguous()
@@ -64,11 +60,10 @@ class CausalConv1dFunction(torch.autograd.Function):
         seq_idx, cu = documents(x, cu_seqlens)
         N = B if cu is None else cu.numel() - 1
         flags = dict(W=W, HAS_STATE=initial_state is not None, VARLEN=cu is not None)
-        S0, S1 = part_widths(C, split)
-        ys = [torch.empty(B, T, width, dtype=x.dtype, device=x.device) for width in ([C] if split is None else split)]
+        ys = [torch.empty(B, T, width, dtype=x.dtype, device=x.device) for width in widths]
         options = launch_options("fwd", W)
-        programs = (triton.cdiv(T, options["L"]), channel_blocks(split, C, options["BC"]), B)
-        causal_conv1d_fwd_kernel[programs](x, weight, initial_state, *parts_of(ys), S0, S1, seq_idx, cu, T, C,
+        programs = (triton.cdiv(T, options["L"]), channel_blocks(widths, options["BC"]), B)
+        causal_conv1d_fwd_kernel[programs](x, weight, initial_state, *part_arguments(ys, widths), seq_idx, cu, T, C,
                                            x.stride(0), x.stride(1), ACTIVATION=activation, **flags, **options)
         final_state = None
         if output_final_state:
@@ -77,7 +72,7 @@ class CausalConv1dFunction(torch.autograd.Function):
             causal_conv1d_final_state_kernel[(N, triton.cdiv(C, SEQUENCE_BC))](
                 x, initial_state, final_state, cu, T, C, x.stride(0), x.stride(1), BC=SEQUENCE_BC, **flags)
         ctx.save_for_backward(x, weight, initial_state, seq_idx, cu)
-        ctx.activation, ctx.split = activation, split
+        ctx.activation, ctx.widths = activation, widths
         ctx.set_materialize_grads(False)
         return (*ys, final_state)
 
@@ -88,26 +83,24 @@ class CausalConv1dFunction(torch.autograd.Function):
         B, T, C = x.shape
         W = weight.shape[1]
         N = B if cu is None else cu.numel() - 1
-        split = ctx.split
-        widths = [C] if split is None else split
+        widths = ctx.widths
         dys = [torch.zeros(B, T, width, dtype=x.dtype, device=x.device) if dy is None else dy.contiguous()
                for dy, width in zip(dys, widths)]
         if dht is not None:
             dht = dht.contiguous()
-        S0, S1 = part_widths(C, split)
         flags = dict(W=W, ACTIVATION=ctx.activation, HAS_FINAL_GRAD=dht is not None, VARLEN=cu is not None)
         dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
         options = launch_options("bwd", W)
-        programs = (triton.cdiv(T, options["L"]), channel_blocks(split, C, options["BC"]), B)
+        programs = (triton.cdiv(T, options["L"]), channel_blocks(widths, options["BC"]), B)
         dw_partial = torch.empty(B * programs[0], W, C, dtype=torch.float32, device=x.device)
-        causal_conv1d_bwd_kernel[programs](x, weight, initial_state, *parts_of(dys), S0, S1, dht, dx, dw_partial,
+        causal_conv1d_bwd_kernel[programs](x, weight, initial_state, *part_arguments(dys, widths), dht, dx, dw_partial,
                                            seq_idx, cu, T, C, x.stride(0), x.stride(1),
                                            HAS_STATE=initial_state is not None, **flags, **options)
         dh0 = None
         if initial_state is not None:
             dh0 = torch.empty_like(initial_state)
-            causal_conv1d_bwd_state_kernel[(N, channel_blocks(split, C, SEQUENCE_BC))](
-                x, weight, initial_state, *parts_of(dys), S0, S1, dht, dh0, cu, T, C, x.stride(0), x.stride(1),
+            causal_conv1d_bwd_state_kernel[(N, channel_blocks(widths, SEQUENCE_BC))](
+                x, weight, initial_state, *part_arguments(dys, widths), dht, dh0, cu, T, C, x.stride(0), x.stride(1),
                 BC=SEQUENCE_BC, **flags)
         dw = dw_partial.sum(0).t().to(weight.dtype).contiguous()
         return dx, dw, dh0, None, None, None, None
@@ -116,6 +109,7 @@ class CausalConv1dFunction(torch.autograd.Function):
 def causal_conv1d_triton(x, weight, initial_state, output_final_state, cu_seqlens, activation, output_split):
     if x.stride(-1) != 1:  # the kernels read rows of unit-stride channels; any other strides in place
         x = x.contiguous()
+    widths = (x.shape[-1],) if output_split is None else tuple(output_split)
     *ys, final_state = CausalConv1dFunction.apply(x, weight, initial_state, output_final_state, cu_seqlens, activation,
-                                                  output_split)
+                                                  widths)
     return (ys[0] if output_split is None else tuple(ys)), final_state

@@ -89,8 +89,8 @@ def main():
         span.input_grads(h0)
     # causal_conv1d at the paper's width (W = 4) and the largest (8), bf16 and fp32, with and without packed
     # documents, states in and out, its output whole or as the mixer's q, k, v.
-    for dtype, W, packed, split in ((torch.bfloat16, 4, False, [1152, 1152, 2304]),
-                                    (torch.bfloat16, 4, True, [1152, 1152, 2304]), (torch.float32, 8, True, None)):
+    for dtype, W, packed, split in ((torch.bfloat16, 4, False, (1152, 1152, 2304)),
+                                    (torch.bfloat16, 4, True, (1152, 1152, 2304)), (torch.float32, 8, True, (4608,))):
         print(f"causal_conv1d {dtype} W {W} packed {packed} split {split}")
         x = torch.randn(1 if packed else 4, 300, 4608, dtype=dtype)
         cu_seqlens = torch.tensor([0, 100, 300]) if packed else None
