@@ -68,29 +68,60 @@ class MixerState:
     """[N, H, K, V] fp32: the recurrence state (the transpose of the V x K matrix S_t: keys index rows)."""
 
 
+class GradientAssembly:
+    """The gradient of a ColumnSplit's input, which the backward passes that consume its parts can write in place.
+    `destination(i)` is the function a Triton backward (the conv's, the gated norm's) calls for the tensor to write
+    part i's gradient into: that part of one buffer laid out like the input, allocated at the first call."""
+
+    def __init__(self, like: torch.Tensor, widths: tuple):
+        # The layout torch.empty_like would give (the input's strides, when it is dense), without holding the input.
+        self.layout, self.device = torch.empty_like(like, device="meta"), like.device
+        self.widths = widths
+        self.buffer = None
+
+    def destination(self, i: int):
+        return lambda: self._buffer().split(self.widths, dim=-1)[i]
+
+    def _buffer(self):
+        if self.buffer is None:
+            self.buffer = torch.empty_strided(self.layout.shape, self.layout.stride(), dtype=self.layout.dtype,
+                                              device=self.device)
+        return self.buffer
+
+    def take(self) -> torch.Tensor:
+        """The buffer, for ColumnSplit's backward; the next backward through the same graph starts a new one."""
+        buffer, self.buffer = self._buffer(), None
+        return buffer
+
+
 class ColumnSplit(torch.autograd.Function):
-    """torch.split along the last dimension, whose backward writes the parts' gradients into one tensor laid out
-    like the input: for megatron's projection, a transposed view of a [T, B, W] tensor, that is a [T, B, W]
-    contiguous gradient, which the linear layer's backward takes as it is. (torch.split's backward concatenates
-    into a [B, T, W] tensor, which that backward copies twice to bring to its own layout.)"""
+    """torch.split along the last dimension, whose backward returns the parts' gradients as one tensor laid out like
+    the input: for megatron's projection, a transposed view of a [T, B, W] tensor, that is a [T, B, W] contiguous
+    gradient, which the linear layer's backward takes as it is. (torch.split's backward concatenates into a
+    [B, T, W] tensor, which that backward copies twice to bring to its own layout.) A part's gradient that its
+    consumer wrote in place (GradientAssembly.destination) is not copied; the others are copied in."""
 
     @staticmethod
-    def forward(ctx, x, widths):
-        ctx.save_for_backward(x)  # for its layout; the parts keep its storage alive anyway
-        ctx.widths = widths
+    def forward(ctx, x, assembly):
+        ctx.assembly = assembly
         ctx.set_materialize_grads(False)
-        return x.split(widths, dim=-1)
+        return x.split(assembly.widths, dim=-1)
 
     @staticmethod
     def backward(ctx, *grads):
-        (x,) = ctx.saved_tensors
-        dx = torch.empty_like(x)  # x's strides, when x is dense
-        for part, grad in zip(dx.split(ctx.widths, dim=-1), grads):
+        dx = ctx.assembly.take()
+        for part, grad in zip(dx.split(ctx.assembly.widths, dim=-1), grads):
             if grad is None:
                 part.zero_()
-            else:
+            elif (grad.data_ptr(), grad.stride()) != (part.data_ptr(), part.stride()):
                 part.copy_(grad)
         return dx, None
+
+
+def column_split(x: torch.Tensor, widths: tuple):
+    """(x's parts along the last dimension, the GradientAssembly their consumers may write their gradients into)."""
+    assembly = GradientAssembly(x, widths)
+    return ColumnSplit.apply(x, assembly), assembly
 
 
 def decay_and_step(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
@@ -117,7 +148,10 @@ def mix(projected: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
     """
     H, K, V = shape.heads, shape.key_dim, shape.value_dim
     B, T, _ = projected.shape
-    qkv, z, b, a = ColumnSplit.apply(projected, (shape.conv_channels, H * V, H, H))
+    (qkv, z, b, a), gradient = column_split(projected, (shape.conv_channels, H * V, H, H))
+    # The conv and the gated norm write the gradients of qkv and z straight into projected's gradient, unless
+    # qkv reaches the conv through other ops (padding mask, context-parallel halo).
+    qkv_gradient = gradient.destination(0) if token_mask is None and context_parallel is None else None
     if token_mask is not None:
         qkv = qkv * token_mask[..., None].to(qkv.dtype)
     initial_conv = None if state is None else state.conv
@@ -130,7 +164,8 @@ def mix(projected: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
     with _stage("conv"):  # q, k, v each contiguous: the recurrence reads them and returns their gradients as they are
         (q, k, v), conv_state = causal_conv1d(qkv, conv_weight, initial_state=initial_conv,
                                               output_final_state=output_state, cu_seqlens=cu_seqlens,
-                                              output_split=shape.projection_split[:3], backend=backend)
+                                              output_split=shape.projection_split[:3], grad_x_into=qkv_gradient,
+                                              backend=backend)
     with _stage("gates"):
         g, eta = decay_and_step(a, b, A_log, dt_bias)
     with _stage("recurrence"):
@@ -150,5 +185,5 @@ def mix(projected: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
                                            keep_states=keep_states, **options)
     with _stage("norm and gate"):
         y = rms_norm(o.reshape(B, T, H * V), norm_weight, shape.norm_eps, gate=z, group_size=V,
-                     transpose_output=time_major_output, backend=backend)
+                     transpose_output=time_major_output, grad_gate_into=gradient.destination(1), backend=backend)
     return y, (MixerState(conv_state, recurrent_state) if output_state else None)

@@ -8,6 +8,11 @@ fetch; the mixer labels its own stages (conv, gates, recurrence, norm and gate).
 sequence number of the forward op it differentiates, so its kernels go to that op's component too. What the GPU
 does not cover of the wall time is host overhead: Python, launches, synchronisations. The costliest kernels of
 every component are listed by name.
+
+The host overhead is broken down two ways. Every idle stretch of the GPU is charged to the op whose kernel ended it
+(the GPU was waiting for the host to launch that kernel), found through the CUDA runtime call that launched it
+(kernel and launch share a correlation id). And the time the host spent blocked in CUDA synchronisations and copies
+is listed by the op that made them (`.item()` shows as aten::_local_scalar_dense, a copy to the GPU as aten::copy_).
 """
 
 import json
@@ -33,6 +38,9 @@ MODULE_COMPONENTS = {
     "output_layer": "output layer",
 }
 TOP_KERNELS = 6  # the costliest GPU kernels listed per component
+TOP_HOST = 10  # the ops listed for GPU idle time and for host waits
+# CUDA runtime calls in which the host waits for the GPU (a copy from or to pageable memory waits for the stream).
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
 KERNEL_NAME_CHARS = 120
 LOSS = "loss"
 OPTIMIZER = "optimizer step (ZeRO, Adam)"
@@ -140,6 +148,35 @@ def _kernel_component(name: str):
     return None
 
 
+def _op_label(runtime_call, by_sequence) -> str:
+    """'component: op' for a CUDA runtime call: the component around it and the op that made it."""
+    op = runtime_call.cpu_parent
+    component = _component_of(runtime_call, by_sequence) or "no component"
+    return f"{component}: {op.name if op is not None else runtime_call.name}"
+
+
+def _per_step_top(totals: dict, steps: int) -> dict:
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:TOP_HOST]
+    return {name: round(us / 1e3 / steps, 3) for name, us in top}
+
+
+def host_time(cpu, device_events, by_sequence, steps: int) -> dict:
+    """GPU idle time by the op whose kernel ended the idle stretch, and host time blocked in CUDA waits by the op
+    that waited, in milliseconds per step (the largest TOP_HOST of each)."""
+    launches = {e.id: e for e in cpu if e.name.startswith("cu")}  # runtime calls (cuda*, cu* of the driver)
+    idle, end = defaultdict(float), None
+    for kernel in sorted(device_events, key=lambda e: e.time_range.start):
+        if end is not None and kernel.time_range.start > end:
+            launch = launches.get(kernel.id)
+            idle[_op_label(launch, by_sequence) if launch else "unknown launch"] += kernel.time_range.start - end
+        end = kernel.time_range.end if end is None else max(end, kernel.time_range.end)
+    waits = defaultdict(float)
+    for e in cpu:
+        if e.name in HOST_WAITS:
+            waits[_op_label(e, by_sequence)] += e.time_range.end - e.time_range.start
+    return {"gpu_idle_before_ms_per_step": _per_step_top(idle, steps), "host_waits_ms_per_step": _per_step_top(waits, steps)}
+
+
 def summarize(events, steps: int, device: str = None) -> dict:
     """Milliseconds per step: GPU kernel time per component (CPU time of the ops on a CPU-only run), GPU busy
     time, and the wall time of the steps. device: the name to record (default: the GPU's, or "cpu")."""
@@ -163,7 +200,8 @@ def summarize(events, steps: int, device: str = None) -> dict:
                 per_kernel[component][kernel.name[:KERNEL_NAME_CHARS]] += kernel.duration
         elif e.self_cpu_time_total > 0:  # a CPU-only run: where the processor's time goes, by the same rules
             per_component[_component_of(e, by_sequence) or "other"] += e.self_cpu_time_total
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    device_events = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in device_events)
     busy, end = 0.0, float("-inf")
     for start, stop in kernels:  # union of kernel intervals
         if stop > end:
@@ -182,6 +220,7 @@ def summarize(events, steps: int, device: str = None) -> dict:
         "host_overhead_ms_per_step": round((wall - busy) / 1e3 / steps, 3),
         "components_ms_per_step": components,
         "top_kernels_ms_per_step": top_kernels,
+        **(host_time(cpu, device_events, by_sequence, steps) if on_gpu else {}),
     }
 
 
@@ -198,4 +237,9 @@ def format_table(summary: dict) -> str:
         f"| **host overhead and syncs (wall - busy)** | {summary['host_overhead_ms_per_step']:.2f} |",
         f"| **wall time per step** | {summary['wall_ms_per_step']:.2f} |",
     ]
+    for key, title in (("gpu_idle_before_ms_per_step", "GPU idle, by the op launched next"),
+                       ("host_waits_ms_per_step", "host blocked in CUDA waits, by the op")):
+        if summary.get(key):
+            rows += ["", f"| {title} | ms per step |", "|---|---|"]
+            rows += [f"| {name} | {ms:.2f} |" for name, ms in summary[key].items()]
     return "\n".join(rows)

@@ -127,14 +127,21 @@ def forward_step(engine, groups, packed, data_iterator, model):
     with component_range(profiling.DATA):
         batch, packed_seq_params = model_inputs(next(data_iterator), packed=packed, cp_rank=groups.cp.rank(),
                                                 cp_size=groups.cp.size())
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: to_device(v) for k, v in batch.items()}
         if packed_seq_params is not None:
-            packed_seq_params.cu_seqlens_q = packed_seq_params.cu_seqlens_kv = packed_seq_params.cu_seqlens_q.to(device)
+            packed_seq_params.cu_seqlens_q = packed_seq_params.cu_seqlens_kv = to_device(packed_seq_params.cu_seqlens_q)
     chunk = next(i for i, c in enumerate(engine.module.chunks) if c is model)
     per_token_loss = engine(chunk, batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                             packed_seq_params=packed_seq_params)
     return per_token_loss, partial(masked_mean, batch["loss_mask"], groups.cp)
+
+
+def to_device(host: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's tensor on the GPU, copied asynchronously from page-locked memory. From pageable memory
+    CUDA first waits for all work queued on the GPU, which then idles while the host launches the next kernels."""
+    if not torch.cuda.is_available():
+        return host
+    return host.contiguous().pin_memory().to(torch.cuda.current_device(), non_blocking=True)
 
 
 def masked_mean(loss_mask, cp_group, per_token_loss):

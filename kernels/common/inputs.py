@@ -1,4 +1,5 @@
-"""Argument handling every op of kernels/ shares: the backend choice and packed documents (cu_seqlens)."""
+"""Argument handling every op of kernels/ shares: the backend choice, packed documents (cu_seqlens) and where a
+backward writes a gradient (grad_into)."""
 
 import os
 
@@ -47,3 +48,18 @@ def sequence_bounds(T, B, cu_seqlens):
     if offsets[0] != 0 or offsets[-1] != T or any(a > b for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to T = {T}; got {offsets}")
     return [(0, a, b) for a, b in zip(offsets, offsets[1:])]
+
+
+def gradient_destination(grad_into, like: torch.Tensor) -> torch.Tensor:
+    """The tensor a Triton backward writes the gradient of `like` into: a new contiguous one, or grad_into(), the
+    caller's (a part of the gradient of a wider tensor, which then needs no copy to assemble). It is asked for only
+    in the backward, so it takes memory only from then; it must match `like`'s shape and dtype, with unit stride in
+    the last dimension."""
+    if grad_into is None:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    out = grad_into()
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or out.stride(-1) != 1:
+        raise ValueError(f"grad_into gave a {tuple(out.shape)} {out.dtype} tensor on {out.device} with strides "
+                         f"{out.stride()}; the gradient is {tuple(like.shape)} {like.dtype} on {like.device}, "
+                         f"unit last stride")
+    return out

@@ -12,7 +12,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def causal_conv1d(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None, activation="silu",
-                  output_split=None, backend="auto"):
+                  output_split=None, grad_x_into=None, backend="auto"):
     """y[t] = act(sum_j weight[:, j] * x[t - W + 1 + j]) per channel, act = SiLU or identity (activation=None).
 
     x [B, T, C] in bf16/fp16/fp32, any strides with unit channel stride (a view of a wider projection is
@@ -25,6 +25,9 @@ def causal_conv1d(x, weight, *, initial_state=None, output_final_state=False, cu
     output_split: widths of up to three consecutive channel groups (summing to C) to return y as, a tuple of
     [B, T, width] tensors, each contiguous on the Triton backend: the mixer's q, k and v, which its recurrence
     then reads, and whose gradients it returns, with no copy and no concatenation.
+    grad_x_into: a function the Triton backward calls for the [B, T, C] tensor (x's dtype, unit channel stride, any
+    other strides) to write x's gradient into and return: the mixer's gradient of its whole projection, so that no
+    copy assembles it. The torch backend's autograd ignores it.
     backend: "torch" (PyTorch, autograd), "triton" (fused kernels; CPU tensors under TRITON_INTERPRET=1),
     "auto" (triton on CUDA tensors, torch otherwise).
     Returns (y [B, T, C] contiguous in x's dtype (or its parts), final_state or None). Differentiable in x, weight
@@ -34,7 +37,7 @@ def causal_conv1d(x, weight, *, initial_state=None, output_final_state=False, cu
     args = (x, weight, initial_state, output_final_state, cu_seqlens, activation)
     if common.use_triton(backend, x):
         from .conv1d_triton import causal_conv1d_triton
-        return causal_conv1d_triton(*args, output_split)
+        return causal_conv1d_triton(*args, output_split, grad_x_into)
     y, final_state = causal_conv1d_torch(*args, num_sequences=N)
     return (y if output_split is None else y.split(list(output_split), dim=-1)), final_state
 

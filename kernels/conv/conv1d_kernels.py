@@ -168,15 +168,15 @@ def causal_conv1d_final_state_kernel(x, h0, ht, cu_seqlens, T, C, stride_b, stri
 
 @triton.jit
 def causal_conv1d_bwd_kernel(x, weight, h0, dy0, dy1, dy2, S0, S1, dht, dx, dw_partial, seq_idx, cu_seqlens, T, C,
-                             stride_b, stride_t, W: tl.constexpr, L: tl.constexpr, BC: tl.constexpr,
-                             AHEAD: tl.constexpr, UNROLL: tl.constexpr, ACTIVATION: tl.constexpr,
+                             stride_b, stride_t, stride_dx_b, stride_dx_t, W: tl.constexpr, L: tl.constexpr,
+                             BC: tl.constexpr, AHEAD: tl.constexpr, UNROLL: tl.constexpr, ACTIVATION: tl.constexpr,
                              HAS_STATE: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, VARLEN: tl.constexpr):
     """dx of tokens [first, first + L), and this program's part of dw, dw_partial[program, j, c]."""
     i_t, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c, m_c, dy, width, o_p = part_block(i_c, dy0, dy1, dy2, S0, S1, C, BC)
     x_row = x + b.to(tl.int64) * stride_b
     dy_row = dy + b.to(tl.int64) * T * width
-    p_dx = dx + b.to(tl.int64) * T * C + o_c
+    p_dx = dx + b.to(tl.int64) * stride_dx_b + o_c
     w = conv_weights(weight, o_c, m_c, W)
     first = i_t * L
     owned_end = tl.minimum(first + L, T)
@@ -221,7 +221,7 @@ def causal_conv1d_bwd_kernel(x, weight, h0, dy0, dy1, dy2, S0, S1, dht, dx, dw_p
                 grad_x += tl.load(dht + n.to(tl.int64) * C * (W - 1) + o_c * (W - 1) + slot, mask=m_c,
                                   other=0.).to(tl.float32)
         if t < owned_end:
-            tl.store(p_dx + tl.cast(t, tl.int64) * C, grad_x.to(dx.dtype.element_ty), mask=m_c)
+            tl.store(p_dx + tl.cast(t, tl.int64) * stride_dx_t, grad_x.to(dx.dtype.element_ty), mask=m_c)
             for j in tl.static_range(W):
                 dw = dw[:j] + (dw[j] + dz * window[j],) + dw[j + 1:]
         later = (dz,) + later[:W - 2]

@@ -8,6 +8,7 @@ import torch
 import triton
 
 from ..common import triton_compat  # noqa: F401  (interpreter fix, see there)
+from ..common.inputs import gradient_destination
 from .conv1d_kernels import (causal_conv1d_bwd_kernel, causal_conv1d_bwd_state_kernel, causal_conv1d_final_state_kernel,
                              causal_conv1d_fwd_kernel)
 
@@ -51,7 +52,7 @@ def channel_blocks(widths, BC):
 
 class CausalConv1dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, activation, widths):
+    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, activation, widths, grad_x_into):
         B, T, C = x.shape
         W = weight.shape[1]
         weight = weight.contiguous()
@@ -72,7 +73,7 @@ class CausalConv1dFunction(torch.autograd.Function):
             causal_conv1d_final_state_kernel[(N, triton.cdiv(C, SEQUENCE_BC))](
                 x, initial_state, final_state, cu, T, C, x.stride(0), x.stride(1), BC=SEQUENCE_BC, **flags)
         ctx.save_for_backward(x, weight, initial_state, seq_idx, cu)
-        ctx.activation, ctx.widths = activation, widths
+        ctx.activation, ctx.widths, ctx.grad_x_into = activation, widths, grad_x_into
         ctx.set_materialize_grads(False)
         return (*ys, final_state)
 
@@ -89,12 +90,12 @@ class CausalConv1dFunction(torch.autograd.Function):
         if dht is not None:
             dht = dht.contiguous()
         flags = dict(W=W, ACTIVATION=ctx.activation, HAS_FINAL_GRAD=dht is not None, VARLEN=cu is not None)
-        dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+        dx = gradient_destination(ctx.grad_x_into, x)
         options = launch_options("bwd", W)
         programs = (triton.cdiv(T, options["L"]), channel_blocks(widths, options["BC"]), B)
         dw_partial = torch.empty(B * programs[0], W, C, dtype=torch.float32, device=x.device)
         causal_conv1d_bwd_kernel[programs](x, weight, initial_state, *part_arguments(dys, widths), dht, dx, dw_partial,
-                                           seq_idx, cu, T, C, x.stride(0), x.stride(1),
+                                           seq_idx, cu, T, C, x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
                                            HAS_STATE=initial_state is not None, **flags, **options)
         dh0 = None
         if initial_state is not None:
@@ -103,13 +104,14 @@ class CausalConv1dFunction(torch.autograd.Function):
                 x, weight, initial_state, *part_arguments(dys, widths), dht, dh0, cu, T, C, x.stride(0), x.stride(1),
                 BC=SEQUENCE_BC, **flags)
         dw = dw_partial.sum(0).t().to(weight.dtype).contiguous()
-        return dx, dw, dh0, None, None, None, None
+        return dx, dw, dh0, None, None, None, None, None
 
 
-def causal_conv1d_triton(x, weight, initial_state, output_final_state, cu_seqlens, activation, output_split):
+def causal_conv1d_triton(x, weight, initial_state, output_final_state, cu_seqlens, activation, output_split,
+                         grad_x_into):
     if x.stride(-1) != 1:  # the kernels read rows of unit-stride channels; any other strides in place
         x = x.contiguous()
     widths = (x.shape[-1],) if output_split is None else tuple(output_split)
     *ys, final_state = CausalConv1dFunction.apply(x, weight, initial_state, output_final_state, cu_seqlens, activation,
-                                                  widths)
+                                                  widths, grad_x_into)
     return (ys[0] if output_split is None else tuple(ys)), final_state

@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from ..common.inputs import check_backend, use_triton
 
 
-def rms_norm(x, weight, eps=1e-6, *, gate=None, group_size=None, transpose_output=False, backend="auto"):
+def rms_norm(x, weight, eps=1e-6, *, gate=None, group_size=None, transpose_output=False, grad_gate_into=None,
+             backend="auto"):
     """x [B, T, F] (any strides with unit feature stride; e.g. a transposed view), weight [F] (or any shape of F
     elements), gate [B, T, F] or None (same rules as x). group_size divides F (default F).
     transpose_output: return the result as a contiguous [T, B, F] tensor (megatron's layout), else [B, T, F].
+    grad_gate_into: a function the Triton backward calls for the tensor to write the gate's gradient into and return
+    (gate's shape and dtype, unit feature stride, any other strides); the torch backend's autograd ignores it.
     Differentiable in x, weight and gate; backend "torch", "triton" or "auto" (Triton on CUDA)."""
     check_backend(backend)
     if x.dim() != 3 or x.stride(-1) != 1:
@@ -32,7 +35,7 @@ def rms_norm(x, weight, eps=1e-6, *, gate=None, group_size=None, transpose_outpu
     if use_triton(backend, x):
         from .rms_norm_triton import RMSNormFunction
 
-        return RMSNormFunction.apply(x, weight.reshape(-1), gate, eps, group_size, transpose_output)
+        return RMSNormFunction.apply(x, weight.reshape(-1), gate, eps, group_size, transpose_output, grad_gate_into)
     return rms_norm_torch(x, weight, eps, gate, group_size, transpose_output)
 
 

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..common import triton_compat  # noqa: F401  (interpreter fix, see there)
+from ..common.inputs import gradient_destination
 
 ROW_BLOCK_ELEMENTS = 4096  # rows x padded group width per tile: [BR, BD] fp32 tiles stay in registers
 
@@ -45,7 +46,7 @@ def rms_norm_fwd_kernel(x, w, z, y, rstd, T, rows, sxb, sxt, szb, szt, syb, syt,
 
 
 @triton.jit
-def rms_norm_bwd_kernel(x, w, z, dy, rstd, dx, dz, dw_partial, T, rows, sxb, sxt, szb, szt, sdyb, sdyt,
+def rms_norm_bwd_kernel(x, w, z, dy, rstd, dx, dz, dw_partial, T, rows, sxb, sxt, szb, szt, sdyb, sdyt, sdzb, sdzt,
                         D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, HAS_GATE: tl.constexpr):
     i_p, i_g = tl.program_id(0), tl.program_id(1)
     num_p = tl.num_programs(0)
@@ -66,7 +67,7 @@ def rms_norm_bwd_kernel(x, w, z, dy, rstd, dx, dz, dw_partial, T, rows, sxb, sxt
             zv = tl.load(z + (b * szb + t * szt)[:, None] + col, mask=mask, other=0.).to(tl.float32)
             sig = tl.sigmoid(zv)
             # d silu(z) / dz = sig (1 + z (1 - sig))
-            tl.store(dz + (b * T + t)[:, None] * (G * D) + col,
+            tl.store(dz + (b * sdzb + t * sdzt)[:, None] + col,
                      (g * n * weight[None, :] * sig * (1. + zv * (1. - sig))).to(dz.dtype.element_ty), mask=mask)
             g = g * zv * sig
         dweight += tl.sum(g * n, 0)
@@ -90,7 +91,7 @@ def _launch(x, group_size):
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, gate, eps, group_size, transpose_output):
+    def forward(ctx, x, weight, gate, eps, group_size, transpose_output, grad_gate_into):
         B, T, features = x.shape
         groups = features // group_size
         y = torch.empty(T, B, features, dtype=x.dtype, device=x.device)
@@ -105,7 +106,7 @@ class RMSNormFunction(torch.autograd.Function):
             y_bt.stride(0), y_bt.stride(1), eps, D=group_size, BD=BD, BR=BR, HAS_GATE=gate is not None, **options)
         ctx.save_for_backward(x, weight, gate, rstd)
         ctx.group_size = group_size
-        ctx.transpose_output = transpose_output
+        ctx.transpose_output, ctx.grad_gate_into = transpose_output, grad_gate_into
         return y if transpose_output else y_bt
 
     @staticmethod
@@ -118,12 +119,13 @@ class RMSNormFunction(torch.autograd.Function):
         if dy_bt.stride(-1) != 1:
             dy_bt = dy_bt.contiguous()
         dx = torch.empty(B, T, features, dtype=x.dtype, device=x.device)
-        dz = torch.empty(B, T, features, dtype=gate.dtype, device=x.device) if gate is not None else None
+        dz = gradient_destination(ctx.grad_gate_into, gate) if gate is not None else None
         BD, BR, programs, options = _launch(x, group_size)
         dw_partial = torch.empty(programs, features, dtype=torch.float32, device=x.device)
         z = gate if gate is not None else x
         rms_norm_bwd_kernel[(programs, groups)](
             x, weight, z, dy_bt, rstd, dx, dz if dz is not None else dx, dw_partial, T, B * T,
             x.stride(0), x.stride(1), z.stride(0), z.stride(1), dy_bt.stride(0), dy_bt.stride(1),
-            D=group_size, BD=BD, BR=BR, HAS_GATE=gate is not None, **options)
-        return dx, dw_partial.sum(0).to(weight.dtype), dz, None, None, None
+            *(dz.stride()[:2] if dz is not None else (0, 0)), D=group_size, BD=BD, BR=BR, HAS_GATE=gate is not None,
+            **options)
+        return dx, dw_partial.sum(0).to(weight.dtype), dz, None, None, None, None

@@ -98,7 +98,7 @@ def main():
         ctx = type("Context", (), {"save_for_backward": lambda self, *t: setattr(self, "saved_tensors", t),
                                    "set_materialize_grads": lambda self, value: None})()
         *ys, _ = conv1d_triton.CausalConv1dFunction.forward(ctx, x, torch.randn(4608, W), h0, True, cu_seqlens, "silu",
-                                                            split)
+                                                            split, None)
         conv1d_triton.CausalConv1dFunction.backward(ctx, *map(torch.randn_like, ys), torch.randn_like(h0))
     print("all kernels compiled for sm_90")
 

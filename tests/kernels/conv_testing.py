@@ -29,17 +29,23 @@ def conv_parameters(C, W, N, *, dtype=torch.float32, state_dtype=None, device="c
 
 
 def check_against_reference(backend, B, T, C, W, *, dtype=torch.float32, tol=FP32_TOL, cu_seqlens=None,
-                            with_state=True, activation="silu", output_split=None, device="cpu", seed=0):
+                            with_state=True, activation="silu", output_split=None, gradient_in_place=False,
+                            device="cpu", seed=0):
     """y, final_state and the gradients of the projection (through the strided view), weight and initial_state
     against the float64 reference. With output_split, y comes as its parts (contiguous on the Triton backend),
-    each differentiated on its own. Returns the relative errors."""
+    each differentiated on its own. gradient_in_place (Triton): x's gradient is written into a slice of another
+    wider time-major buffer (grad_x_into, as the mixer has it written into its projection's gradient); the gradient
+    must be that slice, and the rest of the buffer untouched. Returns the relative errors."""
     offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     proj, x = projection_view(B, T, C, dtype=dtype, device=device, seed=seed)
     weight, h0 = conv_parameters(C, W, N, dtype=torch.float32, state_dtype=dtype, device=device, seed=seed + 1,
                                  with_state=with_state)
     options = dict(initial_state=h0, output_final_state=True, cu_seqlens=offsets, activation=activation)
-    y, final = causal_conv1d(x, weight, backend=backend, output_split=output_split, **options)
+    buffer = torch.full((T, B, C + 10), float("nan"), dtype=dtype, device=device)
+    destination = buffer.transpose(0, 1)[..., 3:3 + C]
+    y, final = causal_conv1d(x, weight, backend=backend, output_split=output_split,
+                             grad_x_into=(lambda: destination) if gradient_in_place else None, **options)
     y_ref, final_ref = naive_causal_conv1d(x, weight, **options)
     parts = [y] if output_split is None else list(y)
     parts_ref = y_ref.split(output_split or [C], dim=-1)
@@ -48,11 +54,14 @@ def check_against_reference(backend, B, T, C, W, *, dtype=torch.float32, tol=FP3
         assert all(p.is_contiguous() for p in parts)
     assert final.shape == (N, C, W - 1) and final.dtype == (x.dtype if h0 is None else h0.dtype)
     errors = {"y": rel_err(torch.cat(parts, -1), y_ref), "final_state": rel_err(final, final_ref)}
-    inputs = [proj, weight] + ([h0] if with_state else [])
-    for name, leaf, d, d_ref in zip(["dx", "dweight", "dh0"], inputs, grads([*parts, final], inputs),
-                                    grads([*parts_ref, final_ref], inputs)):
+    inputs = [x if gradient_in_place else proj, weight] + ([h0] if with_state else [])
+    got = grads([*parts, final], inputs)
+    for name, leaf, d, d_ref in zip(["dx", "dweight", "dh0"], inputs, got, grads([*parts_ref, final_ref], inputs)):
         assert d.dtype == leaf.dtype and d.shape == leaf.shape
         errors[name] = rel_err(d, d_ref)
+    if gradient_in_place:
+        assert (got[0].data_ptr(), got[0].stride()) == (destination.data_ptr(), destination.stride())
+        assert buffer[..., :3].isnan().all() and buffer[..., 3 + C:].isnan().all()
     bad = {name: err for name, err in errors.items() if not err < tol}
     assert not bad, f"relative errors over {tol}: {bad} (all: {errors})"
     return errors

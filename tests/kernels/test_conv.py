@@ -147,3 +147,23 @@ def test_bad_arguments_are_refused(change, message):
     arguments = {"x": torch.randn(2, 5, 8), "weight": torch.randn(8, 4), **change}
     with pytest.raises(ValueError, match=message):
         causal_conv1d(arguments.pop("x"), arguments.pop("weight"), **arguments)
+
+
+@pytest.mark.parametrize("split", [None, [8, 8, 8]])
+def test_gradient_written_into_the_callers_tensor(split, small_blocks):
+    """grad_x_into: the backward writes x's gradient through the strides of a slice of a wider time-major buffer
+    (as the mixer's gradient of its projection) and returns it; nothing else of the buffer changes."""
+    check_against_reference("triton", 2, 21, 24, 4, output_split=split, gradient_in_place=True)
+
+
+def test_gradient_written_into_the_callers_tensor_with_packed_documents(small_blocks):
+    check_against_reference("triton", 1, 40, 20, 4, cu_seqlens=[0, 1, 3, 3, 12, 13, 30, 40], output_split=[6, 6, 8],
+                            gradient_in_place=True)
+
+
+def test_a_gradient_destination_that_does_not_fit_is_named():
+    _, x = projection_view(1, 9, 8)
+    weight, _ = conv_parameters(8, 4, 1, with_state=False)
+    y, _ = causal_conv1d(x, weight, grad_x_into=lambda: torch.empty(1, 9, 7), backend="triton")
+    with pytest.raises(ValueError, match=r"grad_into gave a \(1, 9, 7\) torch.float32 tensor"):
+        y.sum().backward()

@@ -36,6 +36,14 @@ def test_output_as_the_mixers_q_k_v(dtype, tol, split):
 
 
 @pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_gradient_written_into_the_mixers_projection_gradient(dtype, tol):
+    """As the mixer runs it: q, k, v as parts, and x's gradient written into a slice of a wider time-major buffer."""
+    errors = check_against_reference("triton", 4, 4096, 4608, 4, dtype=dtype, tol=tol, output_split=[1152, 1152, 2304],
+                                     gradient_in_place=True, device="cuda")
+    report(f"gradient in place {dtype}", errors)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
 @pytest.mark.parametrize("with_state", [True, False])
 def test_packed_documents(dtype, tol, with_state):
     cu_seqlens = [0, 1, 3, 3, 700, 701, 2050, 4096]  # documents shorter than W, an empty one

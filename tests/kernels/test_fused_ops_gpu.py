@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("gated", [False, True])
 def test_rms_norm_at_model_shapes(dtype, tol, gated):
     """Layer norm over [s, b, 1536]; the KLA output norm over 12 heads of 192 with z read from the transposed
-    projection and the result written time-major, as the mixer calls it."""
+    projection, the result written time-major and z's gradient written into a slice of another time-major buffer
+    (the projection's gradient), as the mixer calls it."""
     B, T = 4, 4096
     features, group = (12 * 192, 192) if gated else (1536, 1536)
     buffer = torch.randn(T, B, 2 * features, device="cuda").to(dtype)
@@ -26,7 +27,10 @@ def test_rms_norm_at_model_shapes(dtype, tol, gated):
     if gated:
         gate.requires_grad_(True)
     weight = (1 + 0.1 * torch.randn(features, device="cuda")).requires_grad_(True)
-    y = rms_norm(x, weight, 1e-6, gate=gate, group_size=group, transpose_output=gated)
+    gradient = torch.full((T, B, features + 16), float("nan"), device="cuda", dtype=dtype)
+    destination = gradient[..., 8:8 + features].transpose(0, 1)
+    y = rms_norm(x, weight, 1e-6, gate=gate, group_size=group, transpose_output=gated,
+                 grad_gate_into=(lambda: destination) if gated else None)
     y = y.transpose(0, 1) if gated else y
     ref = norm_reference(x, weight, 1e-6, gate, group)
     cot = torch.randn(B, T, features, device="cuda", dtype=torch.float64)
@@ -36,6 +40,9 @@ def test_rms_norm_at_model_shapes(dtype, tol, gated):
     errors = {"y": rel_err(y, ref), **{n: rel_err(a, b) for n, a, b in zip(["dx", "dw", "dz"], got, want)}}
     print(f"rms_norm {dtype} gated={gated}: " + " ".join(f"{n} {e:.1e}" for n, e in errors.items()))
     assert all(e < tol for e in errors.values()), errors
+    if gated:
+        assert (got[2].data_ptr(), got[2].stride()) == (destination.data_ptr(), destination.stride())
+        assert gradient[..., :8].isnan().all() and gradient[..., 8 + features:].isnan().all()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])

@@ -58,6 +58,25 @@ def test_group_width_not_a_power_of_two():
     check("triton", 2, 3, 3 * 40, 40, gated=True, strided=False, transpose_output=False)
 
 
+def test_gate_gradient_written_into_the_callers_tensor():
+    """grad_gate_into: the backward writes the gate's gradient through the given tensor's strides (a slice of a wider
+    time-major buffer, as the mixer's gradient of its projection) and returns it; nothing else of the buffer changes."""
+    B, T, features, group_size = 2, 7, 4 * 24, 24
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, T, features, generator=gen).requires_grad_(True)
+    gate = torch.randn(B, T, features, generator=gen).requires_grad_(True)
+    weight = 1 + 0.1 * torch.randn(features, generator=gen)
+    buffer = torch.full((T, B, features + 10), float("nan"))
+    destination = buffer.transpose(0, 1)[..., 4:4 + features]
+    y = rms_norm(x, weight, gate=gate, group_size=group_size, grad_gate_into=lambda: destination, backend="triton")
+    cotangent = torch.randn(B, T, features, generator=gen, dtype=torch.float64)
+    dgate, dx = torch.autograd.grad((y.double() * cotangent).sum(), [gate, x])
+    want_dgate, want_dx = torch.autograd.grad((reference(x, weight, 1e-6, gate, group_size) * cotangent).sum(), [gate, x])
+    assert dgate.data_ptr() == destination.data_ptr() and dgate.stride() == destination.stride()
+    assert rel_err(dgate, want_dgate) < 1e-6 and rel_err(dx, want_dx) < 1e-6
+    assert buffer[..., :4].isnan().all() and buffer[..., 4 + features:].isnan().all()
+
+
 def test_bad_arguments_are_named():
     x = torch.randn(2, 3, 8)
     with pytest.raises(ValueError, match="group_size 3 must divide"):

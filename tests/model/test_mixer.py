@@ -14,6 +14,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.spec_utils import build_module
 
 from kla_megatron.config import named_model, transformer_config
+from kla_megatron.mixer_math import MixerShape, mix
 from kla_megatron.mixer import KLAMixer, KLAMixerSubmodules
 from kla_megatron.specs import mixer_spec
 from kla_model_testing import megatron_world, mixer_params, reference_mixer, rel_err
@@ -155,6 +156,28 @@ def test_projection_gradient_arrives_in_megatrons_layout():
     out, _ = module(inputs(SEQ, 3, model.hidden_size, seed=4))
     out.sum().backward()
     assert seen[0].shape == (SEQ, 3, sum(module.in_proj_split)) and seen[0].is_contiguous()
+
+
+def test_conv_and_gated_norm_write_the_projection_gradient_in_place():
+    """On the Triton backend (the interpreter here) the backward of the conv and of the gated norm write the gradients
+    of q, k, v and of the gate z straight into the projection's gradient: ColumnSplit's backward copies in only the
+    gates' b and a. The gradient equals the torch backend's, which ColumnSplit assembles by copying all four."""
+    shape = MixerShape(heads=2, key_dim=8, value_dim=16)
+    T, B = 70, 2
+    gen = torch.Generator().manual_seed(0)
+    projection = torch.randn(T, B, sum(shape.projection_split), generator=gen).requires_grad_(True)
+    weights = [torch.randn(shape.conv_channels, 4, generator=gen) / 2, torch.rand(2, generator=gen).log(),
+               torch.randn(2, generator=gen), 1 + 0.1 * torch.randn(2, 16, generator=gen)]
+    cotangent = torch.randn(T, B, 2 * 16, generator=gen)
+    gradients, copies = {}, {}
+    for backend in ("torch", "triton"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            y, _ = mix(projection.transpose(0, 1), *weights, shape, time_major_output=True, backend=backend)
+            (gradients[backend],) = torch.autograd.grad((y * cotangent).sum(), [projection])
+        copies[backend] = [e for e in profile.events() if e.name == "aten::copy_" and e.cpu_parent is not None
+                           and "ColumnSplitBackward" in e.cpu_parent.name]
+    assert (len(copies["torch"]), len(copies["triton"])) == (4, 2)
+    assert gradients["triton"].is_contiguous() and rel_err(gradients["triton"], gradients["torch"]) < TOL
 
 
 def test_bf16_mixer():

@@ -25,8 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 from pretrain.config import ConfigError, config_from_dict, load_config
-from pretrain.estimate import (Step, check_fits, estimate, layer_terms, measured_throughput, rank_parameters,
-                               usable_bytes, with_recompute)
+from pretrain.estimate import (GIB, Step, check_fits, estimate, layer_terms, measured_throughput, rank_parameters,
+                               usable_bytes, with_recompute, without_kept_states)
 from pretrain_testing import ROOT, corpus_overrides, layer_forward, subprocess_env
 
 TINY = str(ROOT / "configs" / "tiny.toml")
@@ -259,6 +259,19 @@ def test_a_layout_that_cannot_fit_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r'try training.recompute_modules=\["mlp"\] \([\d.]+ GiB\), training.recompute=true \('):
         check_fits(one_sample, 64, 32000, H100, "NVIDIA H100 80GB HBM3")
     check_fits(load_config(str(ROOT / "configs" / "kla_7b.toml")), 64, 32000, H100)
+
+
+def test_the_lean_recurrence_is_offered_first_when_it_fits():
+    """A GPU too small for the kernels' kept states but large enough without them: the refusal names
+    model.kernel_keep_states=false first (the cheapest fix), with the peak it would have."""
+    config = load_config(str(ROOT / "configs" / "kla_0.4b.toml"), ["parallel.data=0"])
+    kept, lean = (estimate(c, 1, 32000).peak for c in (config, without_kept_states(config)))
+    assert lean < kept
+    gpu = (kept + lean) // 2 + 3 * GIB  # usable: halfway between the two peaks
+    hint = rf"try model.kernel_keep_states=false \({lean / GIB:.1f} GiB, a few percent slower\), "
+    with pytest.raises(ConfigError, match=hint):
+        check_fits(config, 1, 32000, gpu)
+    check_fits(without_kept_states(config), 1, 32000, gpu)
 
 
 @pytest.mark.parametrize("name, nodes", [("kla_0.4b", 1), ("kla_0.4b_long", 1), ("kla_1.3b", 2), ("kla_2.7b", 4), ("kla_7b", 8)])

@@ -12,7 +12,8 @@ from pretrain.profiling import format_table, summarize
 
 def step():
     """One step (microseconds): the MLP's matmul (two kernels, 0-300), the optimizer's kernel (400-500), the matmul's
-    backward (550-750), which belongs to the MLP by its sequence number, and a memset of no op (750-760)."""
+    backward (550-750), which belongs to the MLP by its sequence number, and a memset of no op (750-760). Each kernel
+comes with the runtime call that launched it."""
     events = []
 
     def op(name, start, end, parent=None, sequence_nr=-1, kernels=()):
@@ -21,7 +22,12 @@ def step():
             event.set_cpu_parent(parent)
         for kernel, k_start, k_end in kernels:
             event.append_kernel(kernel, 0, k_end - k_start)
-            events.append(FunctionEvent(id=len(events), name=kernel, thread=0, start_us=k_start, end_us=k_end,
+            # The runtime call that launched the kernel shares its correlation id.
+            launch = FunctionEvent(id=1000 + len(events), name="cudaLaunchKernel", thread=0, start_us=start,
+                                   end_us=start + 1)
+            launch.set_cpu_parent(event)
+            events.append(launch)
+            events.append(FunctionEvent(id=launch.id, name=kernel, thread=0, start_us=k_start, end_us=k_end,
                                         device_type=DeviceType.CUDA))
         events.append(event)
         return event
@@ -46,3 +52,19 @@ def test_components_and_their_kernels():
     assert summary["wall_ms_per_step"] == pytest.approx(0.56)  # the CPU events span 0 .. 560 us
     table = format_table(summary).splitlines()
     assert table.index("| MLP | 0.30 |") + 1 == table.index("| &nbsp;&nbsp;`gemm_a` | 0.20 |")
+
+
+def test_gpu_idle_and_host_waits_by_op():
+    """The GPU idles 100 us before the optimizer's kernel and 50 before the backward matmul's; the host then waits
+    85 us in a stream synchronisation inside an .item() outside any component."""
+    events = step()
+    item = FunctionEvent(id=2000, name="aten::_local_scalar_dense", thread=0, start_us=800, end_us=900)
+    sync = FunctionEvent(id=2001, name="cudaStreamSynchronize", thread=0, start_us=805, end_us=890)
+    sync.set_cpu_parent(item)
+    summary = summarize(events + [item, sync], steps=1, device="a GPU")
+    assert summary["gpu_idle_before_ms_per_step"] == {"optimizer step (ZeRO, Adam): aten::_fused_adamw_": 0.1,
+                                                      "MLP (bwd): aten::mm": 0.05}
+    assert summary["host_waits_ms_per_step"] == {"no component: aten::_local_scalar_dense": 0.085}
+    table = format_table(summary).splitlines()
+    assert table.index("| GPU idle, by the op launched next | ms per step |") + 3 == \
+        table.index("| MLP (bwd): aten::mm | 0.05 |")
