@@ -25,7 +25,8 @@ def test_copy_does_not_wait_for_queued_gpu_work():
     for value in batch.values():
         value.to("cuda", non_blocking=True)
     assert stream.query(), "copies from pageable memory no longer wait for the GPU; this test proves nothing"
-    [to_device(value) for value in batch.values()]  # allocates page-locked blocks, which later micro-batches reuse
+    for value in batch.values():  # allocates page-locked blocks, which later micro-batches reuse
+        to_device(value)
     torch.cuda.synchronize()
     torch.cuda._sleep(SLEEP_CYCLES)
     on_gpu = {key: to_device(value) for key, value in batch.items()}
