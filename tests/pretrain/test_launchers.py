@@ -4,7 +4,8 @@ Three steps of the tiny model on the same global batch, from the same seed: one 
 two data-parallel processes started by mpiexec (mpi4py), tensor parallelism and context parallelism over two
 processes started by torchrun (also with packed documents crossing the ranks), and TP x CP over four. The
 per-step losses agree to fp32 reduction-order error: the initial weights do not depend on the layout
-(kla_megatron.init), and everything after them is exact.
+(kla_megatron.init), and everything after them is exact. Every process runs one intra-op thread
+(pretrain_testing.subprocess_env), so each layout's matmuls reduce in the same order.
 """
 
 import json
