@@ -148,10 +148,8 @@ def mix(projected: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
     """
     H, K, V = shape.heads, shape.key_dim, shape.value_dim
     B, T, _ = projected.shape
-    (qkv, z, b, a), gradient = column_split(projected, (shape.conv_channels, H * V, H, H))
-    # The conv and the gated norm write the gradients of qkv and z straight into projected's gradient, unless
-    # qkv reaches the conv through other ops (padding mask, context-parallel halo).
-    qkv_gradient = gradient.destination(0) if token_mask is None and context_parallel is None else None
+    parts, gradient = column_split(projected, (shape.conv_channels, H * V, H, H))
+    qkv, z, b, a = parts
     if token_mask is not None:
         qkv = qkv * token_mask[..., None].to(qkv.dtype)
     initial_conv = None if state is None else state.conv
@@ -164,8 +162,10 @@ def mix(projected: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
     with _stage("conv"):  # q, k, v each contiguous: the recurrence reads them and returns their gradients as they are
         (q, k, v), conv_state = causal_conv1d(qkv, conv_weight, initial_state=initial_conv,
                                               output_final_state=output_state, cu_seqlens=cu_seqlens,
-                                              output_split=shape.projection_split[:3], grad_x_into=qkv_gradient,
-                                              backend=backend)
+                                              output_split=shape.projection_split[:3], backend=backend,
+                                              # straight into projected's gradient, unless other ops (padding mask,
+                                              # context-parallel halo) stand between the split and the conv
+                                              grad_x_into=gradient.destination(0) if qkv is parts[0] else None)
     with _stage("gates"):
         g, eta = decay_and_step(a, b, A_log, dt_bias)
     with _stage("recurrence"):

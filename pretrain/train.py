@@ -137,8 +137,9 @@ def forward_step(engine, groups, packed, data_iterator, model):
 
 
 def to_device(host: torch.Tensor) -> torch.Tensor:
-    """A micro-batch's tensor on the GPU, copied asynchronously from page-locked memory. From pageable memory
-    CUDA first waits for all work queued on the GPU, which then idles while the host launches the next kernels."""
+    """A micro-batch's tensor on the GPU, copied asynchronously from page-locked memory. From pageable memory CUDA
+    may first wait for the work queued on the GPU (a micro-batch's four copies did, on an H200), which then idles
+    while the host launches the next kernels."""
     if not torch.cuda.is_available():
         return host
     return host.contiguous().pin_memory().to(torch.cuda.current_device(), non_blocking=True)
