@@ -131,7 +131,16 @@ def init_distributed(env: LaunchEnv, layout) -> ProcessGroupCollection:
 
 
 def shutdown() -> None:
+    """The end of a run: every rank leaves together, then the process groups are destroyed."""
     if dist.is_initialized():
         dist.barrier()
+    release()
+
+
+def release() -> None:
+    """Destroys the process groups without waiting for the other ranks: after an error, where a peer may never
+    reach a barrier. A process must not exit with a group alive: at interpreter exit gloo's worker threads can
+    still hold tensors, and freeing them then aborts the process (SIGABRT; pytorch/pytorch#179291)."""
+    if dist.is_initialized():
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
