@@ -39,7 +39,7 @@ def measure(rank: int, world_size: int, port: int, args, checkpoints: str, out: 
     from pretrain import checkpoint, zero
     from pretrain.config import load_config
     from pretrain.cpu import cuda_bookkeeping_on_cpu
-    from pretrain.distributed import init_distributed, launch_env, shutdown
+    from pretrain.distributed import init_distributed, launch_env
     from pretrain.layout import ParallelLayout
     from pretrain.train import forward_step, seed_everything
 
@@ -81,7 +81,6 @@ def measure(rank: int, world_size: int, port: int, args, checkpoints: str, out: 
     row["save_commit_s"] = time.perf_counter() - started
     if rank == 0:
         Path(out).write_text(json.dumps(row))
-    shutdown()
 
 
 def main() -> int:

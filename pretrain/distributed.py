@@ -15,6 +15,7 @@ Each launcher names rank, world size and local rank differently; `launch_env` re
             step that runs MPI's own daemons (one task a node), which do not describe them.
 """
 
+import atexit
 import os
 import re
 import socket
@@ -121,6 +122,7 @@ def init_distributed(env: LaunchEnv, layout) -> ProcessGroupCollection:
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=env.rank, world_size=env.world_size)
+    atexit.register(release)  # whatever way the process ends (a no-op after shutdown())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
@@ -138,9 +140,9 @@ def shutdown() -> None:
 
 
 def release() -> None:
-    """Destroys the process groups without waiting for the other ranks: after an error, where a peer may never
-    reach a barrier. A process must not exit with a group alive: at interpreter exit gloo's worker threads can
-    still hold tensors, and freeing them then aborts the process (SIGABRT; pytorch/pytorch#179291)."""
+    """Destroys the process groups without waiting for the other ranks (a peer may have failed), at the latest when
+    the interpreter exits: with a group still alive then, gloo's worker threads can still hold tensors, and freeing
+    them aborts the process (SIGABRT; pytorch/pytorch#179291)."""
     if dist.is_initialized():
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

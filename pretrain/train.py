@@ -29,7 +29,7 @@ from pretrain import checkpoint, profiling, zero
 from pretrain.config import ConfigError, TrainConfig, config_toml, describe_keys, load_config, save_config
 from pretrain.cpu import cuda_bookkeeping_on_cpu
 from pretrain.data import DataFiles, MicroBatches, build_datasets, load_tokenizer, model_inputs
-from pretrain.distributed import init_distributed, launch_env, release, shutdown
+from pretrain.distributed import init_distributed, launch_env, shutdown
 from pretrain.history import History
 from pretrain.layout import ParallelLayout
 from pretrain.metrics import Metrics, model_flops_per_token
@@ -416,6 +416,4 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        release()  # what an error left open (a finished run has shut down already)
     return 0

@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pretrain_testing import free_port
-from test_zero import SAMPLES, SEQ, batches, build, world
+from test_zero import SAMPLES, SEQ, batches, build, start_world
 
 
 def worker(rank: int, world_size: int, port: int, tensor: int, zero_stage: int, plan: dict, out: str):
@@ -37,47 +37,47 @@ def worker(rank: int, world_size: int, port: int, tensor: int, zero_stage: int, 
     from pretrain.train import forward_step, mean_loss
 
     torch.set_num_threads(1)
-    with world(rank, world_size, port, tensor) as groups:
-        model, tf_config, config = build(zero_stage, tensor_parallel=tensor, seed=plan.get("seed", 0))
-        dp, dp_rank = groups.dp.size(), groups.dp.rank()
-        engine = zero.initialize(model, config, bf16=False, groups=groups)
-        tf_config.no_sync_func = partial(zero.accumulating, engine)
-        layout = {"tensor": tensor, "data": dp, "zero_stage": zero_stage}
-        checkpointer = checkpoint.Checkpointer(Path(plan["root"]), keep=5, asynchronous=plan.get("asynchronous", False))
+    groups = start_world(rank, world_size, port, tensor)
+    model, tf_config, config = build(zero_stage, tensor_parallel=tensor, seed=plan.get("seed", 0))
+    dp, dp_rank = groups.dp.size(), groups.dp.rank()
+    engine = zero.initialize(model, config, bf16=False, groups=groups)
+    tf_config.no_sync_func = partial(zero.accumulating, engine)
+    layout = {"tensor": tensor, "data": dp, "zero_stage": zero_stage}
+    checkpointer = checkpoint.Checkpointer(Path(plan["root"]), keep=5, asynchronous=plan.get("asynchronous", False))
 
-        def fp32_state() -> dict:
-            return {n: [safe_get_full_fp32_param(p)] + [safe_get_full_optimizer_state(p, m) for m in checkpoint.MOMENTS]
-                    for n, p in engine.module.named_parameters()}
+    def fp32_state() -> dict:
+        return {n: [safe_get_full_fp32_param(p)] + [safe_get_full_optimizer_state(p, m) for m in checkpoint.MOMENTS]
+                for n, p in engine.module.named_parameters()}
 
-        result = {"loss": {}, "grad_norm": {}}
-        if "load" in plan:
-            state = checkpoint.load_training_state(Path(plan["load"]), engine, plan.get("load_optimizer", True), layout)
-            result["trainer_state"] = state
-            if plan.get("load_optimizer", True):
-                result["state"] = fp32_state()
-            if "save_again" in plan:
-                checkpointer.save(state["step"], engine, {**state, "layout": layout})
-        micro = SAMPLES // dp
-        for step in plan["steps"]:
-            mine = [batches(step - 1)[j * dp + dp_rank] for j in range(micro)]
-            with cuda_bookkeeping_on_cpu():
-                losses = get_forward_backward_func()(
-                    forward_step_func=partial(forward_step, engine, groups, False), data_iterator=iter(mine),
-                    model=list(engine.module.chunks), num_microbatches=micro, seq_length=SEQ, micro_batch_size=1,
-                    forward_only=False,
-                )
-            zero.finish_gradients(engine, groups)
-            engine.step()
-            result["loss"][step] = mean_loss(losses, groups)
-            result["grad_norm"][step] = float(engine.get_global_grad_norm())
-            checkpointer.poll()
-            if step == plan.get("save_after"):
-                checkpointer.save(step, engine, {"step": step, "layout": layout})
-                result["state"] = fp32_state()
-                if plan.get("die_after_save"):  # a kill while the background write may still run
-                    os.kill(os.getpid(), signal.SIGKILL)
-        checkpointer.wait()
-        torch.save(result, f"{out}.rank{rank}.pt")
+    result = {"loss": {}, "grad_norm": {}}
+    if "load" in plan:
+        state = checkpoint.load_training_state(Path(plan["load"]), engine, plan.get("load_optimizer", True), layout)
+        result["trainer_state"] = state
+        if plan.get("load_optimizer", True):
+            result["state"] = fp32_state()
+        if "save_again" in plan:
+            checkpointer.save(state["step"], engine, {**state, "layout": layout})
+    micro = SAMPLES // dp
+    for step in plan["steps"]:
+        mine = [batches(step - 1)[j * dp + dp_rank] for j in range(micro)]
+        with cuda_bookkeeping_on_cpu():
+            losses = get_forward_backward_func()(
+                forward_step_func=partial(forward_step, engine, groups, False), data_iterator=iter(mine),
+                model=list(engine.module.chunks), num_microbatches=micro, seq_length=SEQ, micro_batch_size=1,
+                forward_only=False,
+            )
+        zero.finish_gradients(engine, groups)
+        engine.step()
+        result["loss"][step] = mean_loss(losses, groups)
+        result["grad_norm"][step] = float(engine.get_global_grad_norm())
+        checkpointer.poll()
+        if step == plan.get("save_after"):
+            checkpointer.save(step, engine, {"step": step, "layout": layout})
+            result["state"] = fp32_state()
+            if plan.get("die_after_save"):  # a kill while the background write may still run
+                os.kill(os.getpid(), signal.SIGKILL)
+    checkpointer.wait()
+    torch.save(result, f"{out}.rank{rank}.pt")
 
 
 def run(world_size: int, tensor: int, zero_stage: int, plan: dict, out: Path) -> list[dict]:
@@ -162,35 +162,35 @@ def bad_checkpoints_worker(rank: int, port: int, directory: str, out: str):
     from pretrain.config import ConfigError
     from pretrain.cpu import cuda_bookkeeping_on_cpu
 
-    with world(0, 1, port) as groups:
-        model, _, config = build(1)
-        engine = zero.initialize(model, config, bf16=False, groups=groups)
-        layout = {"tensor": 1}
-        messages = {}
+    groups = start_world(0, 1, port)
+    model, _, config = build(1)
+    engine = zero.initialize(model, config, bf16=False, groups=groups)
+    layout = {"tensor": 1}
+    messages = {}
 
-        # Weights without optimizer state: a plain megatron model checkpoint (e.g. converted weights).
-        weights_only = Path(directory) / "weights_only"
-        (weights_only / "state").mkdir(parents=True)
-        with cuda_bookkeeping_on_cpu():
-            dist_checkpointing.save(model.sharded_state_dict(), str(weights_only / "state"))
-        (weights_only / "trainer.json").write_text(json.dumps({"step": 5, "layout": layout}))
-        try:
-            checkpoint.load_training_state(weights_only, engine, True, layout)
-        except ConfigError as e:
-            messages["no_optimizer"] = str(e)
-        checkpoint.load_training_state(weights_only, engine, False, layout)  # weights only: fine
+    # Weights without optimizer state: a plain megatron model checkpoint (e.g. converted weights).
+    weights_only = Path(directory) / "weights_only"
+    (weights_only / "state").mkdir(parents=True)
+    with cuda_bookkeeping_on_cpu():
+        dist_checkpointing.save(model.sharded_state_dict(), str(weights_only / "state"))
+    (weights_only / "trainer.json").write_text(json.dumps({"step": 5, "layout": layout}))
+    try:
+        checkpoint.load_training_state(weights_only, engine, True, layout)
+    except ConfigError as e:
+        messages["no_optimizer"] = str(e)
+    checkpoint.load_training_state(weights_only, engine, False, layout)  # weights only: fine
 
-        # A torch_dist .metadata whose pickle would run code.
-        poisoned = Path(directory) / "poisoned"
-        shutil.copytree(weights_only, poisoned)
-        marker = Path(directory) / "code_ran"
-        (poisoned / "state" / ".metadata").write_bytes(pickle.dumps(_RunsCode(str(marker))))
-        try:
-            checkpoint.load_model(poisoned, model)
-        except pickle.UnpicklingError as e:
-            messages["poisoned"] = str(e)
-        messages["code_ran"] = marker.exists()
-        Path(out).write_text(json.dumps(messages))
+    # A torch_dist .metadata whose pickle would run code.
+    poisoned = Path(directory) / "poisoned"
+    shutil.copytree(weights_only, poisoned)
+    marker = Path(directory) / "code_ran"
+    (poisoned / "state" / ".metadata").write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    try:
+        checkpoint.load_model(poisoned, model)
+    except pickle.UnpicklingError as e:
+        messages["poisoned"] = str(e)
+    messages["code_ran"] = marker.exists()
+    Path(out).write_text(json.dumps(messages))
 
 
 def test_missing_optimizer_state_is_named_and_metadata_never_runs_code(tmp_path):

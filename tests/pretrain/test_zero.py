@@ -10,7 +10,6 @@ and the optimizer state per rank must halve from one data-parallel rank to two.
 """
 
 import os
-from contextlib import contextmanager
 from functools import partial
 
 import pytest
@@ -39,25 +38,18 @@ def batches(step: int) -> list[dict]:
     ]
 
 
-@contextmanager
-def world(rank: int, world_size: int, port: int, tensor: int = 1):
-    """Process groups for world_size ranks (tensor-parallel groups of `tensor`, the rest data-parallel), as
-    megatron's ProcessGroupCollection, for the block. The groups are destroyed before the worker returns, as the
-    trainer does (pretrain.distributed.release says why; a ZeRO-2 bf16 worker was once aborted at exit in CI);
-    after an error without waiting for the other ranks."""
+def start_world(rank: int, world_size: int, port: int, tensor: int = 1):
+    """Process groups for world_size ranks (tensor-parallel groups of `tensor`, the rest data-parallel);
+    returns megatron's ProcessGroupCollection."""
     from kla_megatron import named_model
     from pretrain.config import ParallelSection
-    from pretrain.distributed import init_distributed, launch_env, release, shutdown
+    from pretrain.distributed import init_distributed, launch_env
     from pretrain.layout import ParallelLayout
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     layout = ParallelLayout.build(ParallelSection(tensor=tensor), named_model("tiny"), world_size, torch.cuda.is_available(), SEQ)
-    try:
-        yield init_distributed(launch_env(), layout)
-        shutdown()
-    finally:
-        release()
+    return init_distributed(launch_env(), layout)
 
 
 def build(zero_stage: int, dtype: torch.dtype = torch.float32, tensor_parallel: int = 1, seed: int = 0):
@@ -83,53 +75,53 @@ def zero_worker(rank: int, world_size: int, port: int, zero_stage: int, bf16: bo
     from pretrain.cpu import cuda_bookkeeping_on_cpu
     from pretrain.train import forward_step
 
-    with world(rank, world_size, port) as groups:
-        model, tf_config, config = build(zero_stage, torch.bfloat16 if bf16 else torch.float32)
-        engine = zero.initialize(model, config, bf16=bf16, groups=groups)
-        tf_config.no_sync_func = partial(zero.accumulating, engine)
-        micro = SAMPLES // world_size
-        norms, grads = [], []
-        for step in range(BF16_STEPS if bf16 else STEPS):
-            # Data-parallel rank r takes micro-batch j = sample j*D + r, as pretrain.data.MicroBatches does.
-            mine = [batches(step)[j * world_size + rank] for j in range(micro)]
-            with cuda_bookkeeping_on_cpu():
-                get_forward_backward_func()(
-                    forward_step_func=partial(forward_step, engine, groups, False), data_iterator=iter(mine),
-                    model=list(engine.module.chunks), num_microbatches=micro, seq_length=SEQ, micro_batch_size=1,
-                    forward_only=False,
-                )
-            zero.finish_gradients(engine, groups)
-            # The gradient the optimizer will read: summed over micro-batches and ranks, before clipping.
-            grads.append({n: safe_get_full_grad(p).cpu() for n, p in engine.module.named_parameters()})
-            engine.step()
-            norms.append(float(engine.get_global_grad_norm()))
-        masters = {n: safe_get_full_fp32_param(p).cpu() for n, p in engine.module.named_parameters()}
-        if rank == 0:
-            torch.save({"params": masters, "grads": grads, "grad_norms": torch.tensor(norms),
-                        "optimizer_bytes": zero.optimizer_state_bytes(engine)}, out)
+    groups = start_world(rank, world_size, port)
+    model, tf_config, config = build(zero_stage, torch.bfloat16 if bf16 else torch.float32)
+    engine = zero.initialize(model, config, bf16=bf16, groups=groups)
+    tf_config.no_sync_func = partial(zero.accumulating, engine)
+    micro = SAMPLES // world_size
+    norms, grads = [], []
+    for step in range(BF16_STEPS if bf16 else STEPS):
+        # Data-parallel rank r takes micro-batch j = sample j*D + r, as pretrain.data.MicroBatches does.
+        mine = [batches(step)[j * world_size + rank] for j in range(micro)]
+        with cuda_bookkeeping_on_cpu():
+            get_forward_backward_func()(
+                forward_step_func=partial(forward_step, engine, groups, False), data_iterator=iter(mine),
+                model=list(engine.module.chunks), num_microbatches=micro, seq_length=SEQ, micro_batch_size=1,
+                forward_only=False,
+            )
+        zero.finish_gradients(engine, groups)
+        # The gradient the optimizer will read: summed over micro-batches and ranks, before clipping.
+        grads.append({n: safe_get_full_grad(p).cpu() for n, p in engine.module.named_parameters()})
+        engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+    masters = {n: safe_get_full_fp32_param(p).cpu() for n, p in engine.module.named_parameters()}
+    if rank == 0:
+        torch.save({"params": masters, "grads": grads, "grad_norms": torch.tensor(norms),
+                    "optimizer_bytes": zero.optimizer_state_bytes(engine)}, out)
 
 
 def reference_worker(rank: int, out: str, port: int):
     from pretrain import zero
     from pretrain.train import masked_mean
 
-    with world(0, 1, port) as groups:
-        model, _, config = build(1)
-        optimizer = zero.adamw(model, config)
-        norms = []
-        for step in range(STEPS):
-            optimizer.zero_grad()
-            for b in batches(step):
-                b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}
-                per_token = model(0, b["tokens"], b["position_ids"], None, labels=b["labels"])
-                loss, _ = masked_mean(b["loss_mask"], groups.cp, per_token)
-                (loss / SAMPLES).backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
-            assert norm > config.training.grad_clip, "the test must exercise clipping"
-            norms.append(float(norm))
-            optimizer.step()
-        params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-        torch.save({"params": params, "grad_norms": torch.tensor(norms)}, out)
+    groups = start_world(0, 1, port)
+    model, _, config = build(1)
+    optimizer = zero.adamw(model, config)
+    norms = []
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        for b in batches(step):
+            b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}
+            per_token = model(0, b["tokens"], b["position_ids"], None, labels=b["labels"])
+            loss, _ = masked_mean(b["loss_mask"], groups.cp, per_token)
+            (loss / SAMPLES).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.grad_clip)
+        assert norm > config.training.grad_clip, "the test must exercise clipping"
+        norms.append(float(norm))
+        optimizer.step()
+    params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    torch.save({"params": params, "grad_norms": torch.tensor(norms)}, out)
 
 
 def bf16_reference_worker(rank: int, out: str, port: int):
@@ -139,39 +131,39 @@ def bf16_reference_worker(rank: int, out: str, port: int):
     from pretrain import zero
     from pretrain.train import masked_mean
 
-    with world(0, 1, port) as groups:
-        model, _, config = build(1, torch.bfloat16)
-        masters, _, _ = build(1)  # holds the fp32 masters, copied from the bf16 weights
+    groups = start_world(0, 1, port)
+    model, _, config = build(1, torch.bfloat16)
+    masters, _, _ = build(1)  # holds the fp32 masters, copied from the bf16 weights
+    with torch.no_grad():
+        for m, p in zip(masters.parameters(), model.parameters()):
+            m.copy_(p)
+    optimizer = zero.adamw(masters, config)
+    fp32_sums, bf16_sums, norms = [], [], []
+    for step in range(BF16_STEPS):
+        fp32_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+        bf16_sum = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        for b in batches(step):
+            b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}
+            model.zero_grad()
+            per_token = model(0, b["tokens"], b["position_ids"], None, labels=b["labels"])
+            loss, _ = masked_mean(b["loss_mask"], groups.cp, per_token)
+            (loss / SAMPLES).backward()
+            for n, p in model.named_parameters():
+                fp32_sum[n] += p.grad.float()
+                bf16_sum[n] += p.grad
+        fp32_sums.append({n: g.cpu().clone() for n, g in fp32_sum.items()})  # clipping scales them in place
+        bf16_sums.append({n: g.float().cpu() for n, g in bf16_sum.items()})
+        for m, (n, _) in zip(masters.parameters(), model.named_parameters()):
+            m.grad = fp32_sum[n]
+        norm = torch.nn.utils.clip_grad_norm_(masters.parameters(), config.training.grad_clip)
+        assert norm > config.training.grad_clip, "the test must exercise clipping"
+        norms.append(float(norm))
+        optimizer.step()
         with torch.no_grad():
             for m, p in zip(masters.parameters(), model.parameters()):
-                m.copy_(p)
-        optimizer = zero.adamw(masters, config)
-        fp32_sums, bf16_sums, norms = [], [], []
-        for step in range(BF16_STEPS):
-            fp32_sum = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
-            bf16_sum = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-            for b in batches(step):
-                b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}
-                model.zero_grad()
-                per_token = model(0, b["tokens"], b["position_ids"], None, labels=b["labels"])
-                loss, _ = masked_mean(b["loss_mask"], groups.cp, per_token)
-                (loss / SAMPLES).backward()
-                for n, p in model.named_parameters():
-                    fp32_sum[n] += p.grad.float()
-                    bf16_sum[n] += p.grad
-            fp32_sums.append({n: g.cpu().clone() for n, g in fp32_sum.items()})  # clipping scales them in place
-            bf16_sums.append({n: g.float().cpu() for n, g in bf16_sum.items()})
-            for m, (n, _) in zip(masters.parameters(), model.named_parameters()):
-                m.grad = fp32_sum[n]
-            norm = torch.nn.utils.clip_grad_norm_(masters.parameters(), config.training.grad_clip)
-            assert norm > config.training.grad_clip, "the test must exercise clipping"
-            norms.append(float(norm))
-            optimizer.step()
-            with torch.no_grad():
-                for m, p in zip(masters.parameters(), model.parameters()):
-                    p.copy_(m)
-        params = {n: p.detach().cpu().clone() for n, p in masters.named_parameters()}
-        torch.save({"params": params, "grads": fp32_sums, "bf16_sum_grads": bf16_sums, "grad_norms": torch.tensor(norms)}, out)
+                p.copy_(m)
+    params = {n: p.detach().cpu().clone() for n, p in masters.named_parameters()}
+    torch.save({"params": params, "grads": fp32_sums, "bf16_sum_grads": bf16_sums, "grad_norms": torch.tensor(norms)}, out)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
